@@ -370,9 +370,7 @@ class Window:
 
     def _run(self, start, end, logits_from):
         pos = torch.arange(start - self.w, end - self.w, device=self.seq.device)
-        keys = torch.arange(self.ctx if self.kv_cache else end - self.w, device=self.seq.device)
-        if not self.kv_cache:
-            keys = keys[start - self.w:]
+        keys = torch.arange(self.ctx, device=self.seq.device) if self.kv_cache else pos
         mask = dense_mask(self.rule, pos, keys) & (keys < end - self.w)
         self.forwards += 1
         return self.model(self.seq[:, start:end], pos, mask, start=start - self.w,
@@ -397,7 +395,7 @@ class Window:
             else:
                 self._run(self.cached_to, clean_to, clean_to - 1)
         self.cached_to = clean_to
-        return self._run(min(start, lo), hi, lo)
+        return self._run(start, hi, lo)
 
 
 def pick(logits, temperature=0.0, top_k=None, generator=None):

@@ -338,7 +338,7 @@ def workdir(tmp_path_factory):
         text.write_text(open(SHAKESPEARE).read()[:200_000])
     else:  # a stand-in corpus when the shared copy is not beside the repository
         text.write_text("".join(chr(97 + (i * i + i // 7) % 26) + (" " if i % 5 else "\n") for i in range(40000)))
-    code, out, err = run(os.path.join(HERE, "data", "shakespeare_char", "prepare.py"), f"--input={text}",
+    code, out, err = run(os.path.join(HERE, "data", "shakespeare_char", "prepare.py"), f"--input={text}", "--dtype=uint32",
                          f"--out_dir={d / 'data' / 'shakespeare_char'}", cwd=d)
     assert code == 0, err
     return d
