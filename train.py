@@ -181,8 +181,12 @@ raw_model = model
 if compile:
     print("compiling the model...")
     model = torch.compile(model)
+# the DDP wrapper is for training steps only: eval runs on the master alone, and a DDP forward
+# there would wait for the other processes. (The rotary tables are constant: no buffer syncs.)
+train_model = model
 if ddp:
-    model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    train_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
+                      broadcast_buffers=False)
 
 # the attention mask is the same every step: build it once. On CUDA, a FlexAttention BlockMask
 # (tiles that are fully masked are skipped); on CPU, the dense boolean mask from the same rule.
@@ -191,7 +195,7 @@ pattern = "causal" if mode == "ar" else attention
 mask = layout_mask(pattern, block_size, context_len, device, flex=flex)
 
 
-def compute_loss(x, generator, eval_bound=False):
+def compute_loss(model, x, generator, eval_bound=False):
     if mode == "ar":
         logits = model(x[:, :-1], torch.arange(context_len, device=x.device), mask)
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
@@ -215,7 +219,7 @@ def estimate_loss():
         for k in range(eval_iters):
             x = get_batch(split, gen)
             with ctx:
-                losses[k] = compute_loss(x, device_gen, eval_bound=True).item()
+                losses[k] = compute_loss(model, x, device_gen, eval_bound=True).item()
         out[split] = losses.mean().item()
     model.train()
     return out
@@ -261,7 +265,7 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and master:
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and master:
         losses = estimate_loss()
         what = "loss" if mode == "ar" else "any-order bound"
         print(f"step {iter_num}: train {what} {losses['train']:.4f}, val {what} {losses['val']:.4f}")
@@ -278,9 +282,9 @@ while True:
 
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # only synchronise gradients on the last micro-step
-            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            loss = compute_loss(x, mask_gen) / gradient_accumulation_steps
+            loss = compute_loss(train_model, x, mask_gen) / gradient_accumulation_steps
         if micro_step == gradient_accumulation_steps - 1:
             batch_gen, next_mask_gen = generators(iter_num + 1)
         x = get_batch("train", batch_gen)  # fetch the next batch while the GPU works
