@@ -12,6 +12,7 @@ block-diffusion LM with an exact KV cache) lives at the bottom of the file.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -447,17 +448,19 @@ def generate_ar(model, prompts, max_new_tokens, temperature=0.0, top_k=None, end
     seq, lens, limit = _prompt_buffer(prompts, max_new_tokens, 0, device)
     window = Window(model, seq, attention_rule("causal", 1), kv_cache, fuse_prefill=True)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps = torch.zeros_like(lens)
     for p in range(int(lens.min()), int(limit.max())):
         logits = window(p - 1, p, clean_to=p)[:, -1]
         tok, _ = pick(logits, temperature, top_k, generator)
         write = (p >= lens) & (p < limit) & ~done
         seq[:, p] = torch.where(write, tok, seq[:, p])
+        steps += write
         if end_id is not None:
             done |= write & (tok == end_id)
             if done.all():  # one host sync per token, only when there is an end token
                 break
     model.clear_cache()
-    return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards)
+    return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
 
 
 def block_logits(window, s, block_size, token_shift=False):
@@ -482,8 +485,12 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
     positions masked and each forward commits every masked position whose confidence is at
     least `threshold`, and at least the most confident one, so a block takes at most B
     forwards. With the KV cache, a finished block is written into the cache by a commit pass
-    (the prefill of the next step). `on_step(s, committed)` is called after every forward with
-    the block start and the (b, B) positions committed in it, for showing the steps."""
+    (the prefill of the next step). `on_step(s, block, committed)` is called after every forward
+    with the block start, its (b, B) tokens and the positions committed in that forward.
+
+    stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
+    row_forwards, per row the forwards spent on its own output (the steps in which it had masks
+    left, and the commit passes between its blocks), which is what a row would cost alone."""
     if pattern == "bidirectional" and kv_cache:
         raise ValueError("bidirectional attention has no exact KV cache: decode with kv_cache=False")
     if not 0 < threshold <= 1:
@@ -494,10 +501,13 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
     free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     window = Window(model, seq, attention_rule(pattern, B), kv_cache, align=B)
+    steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
     for s in range(int(lens.min()) // B * B, int(limit.max()), B):
         block = seq[:, s:s + B]  # a view: commits write straight into seq
         todo = free[:, s:s + B] & ~done[:, None]
+        blocks += todo.any(-1)
         while todo.any():  # the one host sync per forward
+            steps += todo.any(-1)
             logits = block_logits(window, s, B, token_shift)
             tok, conf = pick(logits, temperature, top_k, generator)
             conf = conf.masked_fill(~todo, -1.0)
@@ -507,10 +517,22 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
             block.copy_(torch.where(commit, tok, block))
             todo &= ~commit
             if on_step is not None:
-                on_step(s, commit)
+                on_step(s, block, commit)
         if end_id is not None:
             done |= ((block == end_id) & free[:, s:s + B]).any(-1)
             if done.all():
                 break
     model.clear_cache()
-    return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards)
+    row_forwards = steps + (blocks - 1).clamp(min=0) * kv_cache
+    return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards, row_forwards=row_forwards.tolist())
+
+
+def from_checkpoint(out_dir, device="cpu"):
+    """The model of a train.py checkpoint, with its training config and vocabulary (meta)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first or pass --out_dir")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
+    model = Transformer(ModelConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint["config"], checkpoint["meta"]

@@ -9,14 +9,13 @@ The last line printed is one JSON object with the counts and the time.
 """
 
 import json
-import os
 import sys
 import time
 
 import torch
 
 from configurator import configure
-from model import ModelConfig, Transformer, generate_ar, generate_block
+from model import from_checkpoint, generate_ar, generate_block
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -32,6 +31,7 @@ device = "auto"
 dtype = "float32"
 compile = False
 kv_cache = True             # False recomputes the whole sequence every forward (the reference)
+show_steps = False          # dLM: print each forward's block for the first sample, '_' = still masked
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 globals().update(configure(defaults))
@@ -47,14 +47,11 @@ if max_new_tokens < 1:
     sys.exit(f"error: max_new_tokens must be at least 1, got {max_new_tokens}")
 torch.manual_seed(seed)
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if not os.path.exists(ckpt_path):
-    sys.exit(f"error: no checkpoint at {ckpt_path}; train one first or pass --out_dir")
-checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-model = Transformer(ModelConfig(**checkpoint["model_args"]))
-model.load_state_dict(checkpoint["model"])
-model.to(device=device, dtype=getattr(torch, dtype)).eval()
-train_config, meta = checkpoint["config"], checkpoint["meta"]
+try:
+    model, train_config, meta = from_checkpoint(out_dir, device)
+except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
+model.to(dtype=getattr(torch, dtype))
 if compile:
     model = torch.compile(model, dynamic=True)
 
@@ -86,9 +83,19 @@ if dlm:
     kv = kv_cache and train_config["attention"] != "bidirectional"
     if kv_cache and not kv:
         print("note: bidirectional attention has no exact KV cache; recomputing every forward", file=sys.stderr)
+    forwards = [0]
+
+    def show(s, tokens, committed):
+        forwards[0] += 1
+        text = "".join("_" if t == meta["mask_id"] else "⏎" if itos[t] == "\n" else itos[t][:1] for t in tokens[0].tolist())
+        marks = "".join("^" if c else " " for c in committed[0].tolist())
+        head = f"forward {forwards[0]:3d}  positions {s:3d}-{s + block - 1:3d}  |"
+        print(f"{head}{text}|  +{int(committed[0].sum())} committed")
+        print(" " * len(head) + marks)
+
     outs, stats = generate_block(model, prompts, max_new_tokens, block, meta["mask_id"], threshold,
                                  temperature, top_k or None, meta["end_id"], train_config["attention"],
-                                 kv, train_config["token_shift"], generator)
+                                 kv, train_config["token_shift"], generator, show if show_steps else None)
 else:
     outs, stats = generate_ar(model, prompts, max_new_tokens, temperature, top_k or None, meta["end_id"],
                               kv_cache, generator)

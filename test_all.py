@@ -200,7 +200,7 @@ def test_batch_rows_are_independent():
 def count_steps(model, prompts, max_new, B, threshold, **kw):
     steps = {}
 
-    def on_step(s, committed):
+    def on_step(s, block, committed):
         steps[s] = steps.get(s, 0) + 1
         assert committed.sum(-1).max() >= 1
     out, stats = generate_block(model, prompts, max_new, B, 23, threshold=threshold, on_step=on_step, **kw)
@@ -423,3 +423,107 @@ def test_train_script_rejects_bad_flags(workdir):
     assert code != 0 and "learning_rat" in err and "learning_rate" in err and "Traceback" not in err
     code, out, err = run("train.py", *TINY, "--mode=dlm", "--block_size=5", cwd=workdir)
     assert code != 0 and "block_size" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------
+# the task demo
+
+def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
+    script = os.path.join(HERE, "data", "tasks", "prepare.py")
+    for d in ("a", "b"):
+        code, out, err = run(script, "--n_train=2000", "--n_val=50", "--n_test=30", f"--out_dir={tmp_path / d}", cwd=tmp_path)
+        assert code == 0, err
+    for f in ("train.bin", "val.bin", "test.jsonl", "meta.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
+    assert {p["task"] for p in test} >= {"rev", "sort", "add", "chain"} and len(test) == 30 * len(meta["tasks"])
+    import numpy as np
+    train = np.fromfile(tmp_path / "a" / "train.bin", dtype=meta["dtype"]).tolist()
+    itos, end = meta["itos"], meta["end_id"]
+    lines, cur = [], []
+    for t in train:
+        if t == end:
+            lines.append("".join(cur))
+            cur = []
+        else:
+            cur.append(itos[t])
+    prompts = {line[:line.index("=") + 1] for line in lines}
+    assert len(lines) > 9000 and not prompts & {p["prompt"] for p in test}
+    for p in test:  # every answer is right
+        x = p["prompt"].split(" ", 1)[1][:-1]
+        want = {"rev": lambda: x[::-1], "dup": lambda: x + x, "sort": lambda: "".join(sorted(x)),
+                "add": lambda: str(int(x.split("+")[0][::-1]) + int(x.split("+")[1][::-1]))[::-1]}
+        if p["task"] in want:
+            assert p["answer"] == want[p["task"]]()
+
+
+def test_answer_checker():
+    from bench import check
+    for task, answer, wrong in [("rev", "cba", "abc"), ("dup", "abab", "aba"), ("sort", "abc", "acb"),
+                                ("add", "4201", "420"), ("chain", "3,7,4", "3,7,5")]:
+        assert check(answer, answer) and not check(answer, wrong) and not check(answer, answer + "x")
+
+
+TASK_META = dict(itos=list("abcdefgh=, ") + ["[MASK]", "[END]"], mask_id=11, end_id=12)
+TASK_PROBLEMS = [dict(task="rev", prompt="cab=", answer="bac"), dict(task="rev", prompt="hgfedcba=", answer="abcdefgh"),
+                 dict(task="dup", prompt="ab=", answer="abab"), dict(task="dup", prompt="abcdefg=", answer="abcdefgabcdefg"),
+                 dict(task="sort", prompt="hcb=", answer="bch")]
+
+
+class Oracle(torch.nn.Module):
+    """Stands in for a model: at every position, certain of the true token there (dLM), or of
+    the next one (AR). Rows are the problems in order, positions absolute (no slide)."""
+
+    def __init__(self, problems, meta, ar, sure=True):
+        super().__init__()
+        stoi = {c: i for i, c in enumerate(meta["itos"])}
+        rows = [[stoi[c] for c in p["prompt"] + p["answer"]] + [meta["end_id"]] * 40 for p in problems]
+        self.truth = torch.tensor([r[:40] for r in rows])
+        self.ar, self.sure, self.V = ar, sure, len(meta["itos"])
+        self.embed_tokens = torch.nn.Embedding(1, 1)
+        self.config = ModelConfig(context_len=64)
+
+    def setup_cache(self, b):
+        pass
+
+    def clear_cache(self):
+        pass
+
+    def forward(self, idx, pos, mask, start=0, logits_slice=slice(None)):
+        if not self.sure:
+            return torch.zeros(idx.size(0), len(pos[logits_slice]), self.V)
+        return F.one_hot(self.truth[:, pos[logits_slice] + int(self.ar)], self.V).float() * 50.0
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.7, 0.5])
+def test_task_evaluation_with_an_oracle(threshold):
+    from bench import decoder, evaluate
+    B = 4
+    result = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=False), TASK_META, True, threshold, B),
+                      TASK_PROBLEMS, TASK_META, batch_size=len(TASK_PROBLEMS))
+    assert result["average"] == 100.0
+    # what the rule needs per answer: with certainty everywhere, one forward per block, and a
+    # commit pass between blocks; at threshold 1.0 one forward per position, up to the end of the
+    # block holding the end token (the block is finished) or to the length limit
+    limit = max(len(p["answer"]) for p in TASK_PROBLEMS) + 1
+    tokens = forwards = 0
+    for p in TASK_PROBLEMS:
+        start, end = len(p["prompt"]), len(p["prompt"]) + len(p["answer"]) + 1
+        blocks = (end - 1) // B - start // B + 1
+        tokens += end - start
+        steps = min(((end - 1) // B + 1) * B, start + limit) - start if threshold == 1.0 else blocks
+        forwards += steps + blocks - 1
+    assert abs(result["tokens_per_forward"] - tokens / forwards) < 1e-12
+    ar = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=True), TASK_META, False), TASK_PROBLEMS, TASK_META)
+    assert ar["average"] == 100.0 and ar["tokens_per_forward"] == 1.0
+
+
+def test_task_evaluation_with_uniform_logits():
+    from bench import decoder, evaluate
+    uniform = Oracle(TASK_PROBLEMS, TASK_META, ar=False, sure=False)
+    result = evaluate(decoder(uniform, TASK_META, True, 0.9, 4), TASK_PROBLEMS, TASK_META, batch_size=2)
+    assert result["average"] == 0.0
+    steps = []
+    generate_block(uniform, [[0, 1, 2]], 9, 4, 11, 0.9, on_step=lambda s, blk, c: steps.append(int(c.sum())))
+    assert steps == [1] * 9  # nothing is confident: one token per forward

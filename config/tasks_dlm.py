@@ -1,0 +1,20 @@
+# Convert the task AR model (config/tasks_ar.py) into a block-diffusion LM (about 10 minutes on
+# 2 CPU cores). python train.py config/tasks_dlm.py, then python bench.py --out_dir=out-tasks-dlm
+out_dir = "out-tasks-dlm"
+init_from = "out-tasks-ar"
+dataset = "tasks"
+mode = "dlm"
+attention = "block"         # clean context [x_t ; x_0], the method
+block_size = 16
+mask_half_life = 0.1        # the paper's lambda
+context_len = 96
+batch_size = 64
+learning_rate = 2e-3
+min_lr = 2e-4
+max_iters = 600
+warmup_iters = 20
+eval_interval = 200
+eval_iters = 20
+log_interval = 50
+device = "cpu"
+compile = False
