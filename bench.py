@@ -109,8 +109,9 @@ if __name__ == "__main__":
     block = block_size or dlm_config["block_size"]
     tasks = list(dict.fromkeys(p["task"] for p in problems))
     timed = [p for t in tasks for p in [q for q in problems if q["task"] == t][:n_timed]]
-    print(f"{len(problems)} test prompts ({', '.join(tasks)}); AR: {ar_dir}; dLM: {out_dir}, block {block}; "
-          f"tokens/s at batch 1 over {len(timed)} prompts")
+    print(f"{len(problems)} test prompts ({', '.join(tasks)}); AR: {ar_dir}" +
+          (f"; dLM: {out_dir}, block {block}" if thresholds else "") +
+          f"; tokens/s at batch 1 over {len(timed)} prompts")
 
     rows = []
     runs = [("ar", None, decoder(ar_model, meta, False))] + [

@@ -516,9 +516,12 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
             commit |= best & todo.any(-1, keepdim=True)  # always at least one per active row
             block.copy_(torch.where(commit, tok, block))
             todo &= ~commit
+            if end_id is not None:  # what follows a row's first end token is dropped: not decoded
+                ended = ((block == end_id) & free[:, s:s + B]).long()
+                todo &= (ended.cumsum(-1) - ended) == 0
             if on_step is not None:
                 on_step(s, block, commit)
-        if end_id is not None:
+        if end_id is not None:  # the block holding a row's end token is its last
             done |= ((block == end_id) & free[:, s:s + B]).any(-1)
             if done.all():
                 break

@@ -31,7 +31,7 @@ device = "auto"
 dtype = "float32"
 compile = False
 kv_cache = True             # False recomputes the whole sequence every forward (the reference)
-show_steps = False          # dLM: print each forward's block for the first sample, '_' = still masked
+show_steps = False          # dLM: print each forward's block for the first sample ('_' masked, '$' end)
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 globals().update(configure(defaults))
@@ -87,7 +87,8 @@ if dlm:
 
     def show(s, tokens, committed):
         forwards[0] += 1
-        text = "".join("_" if t == meta["mask_id"] else "⏎" if itos[t] == "\n" else itos[t][:1] for t in tokens[0].tolist())
+        shown = {meta["mask_id"]: "_", meta["end_id"]: "$", stoi.get("\n"): "⏎"}
+        text = "".join(shown.get(t, itos[t]) for t in tokens[0].tolist())
         marks = "".join("^" if c else " " for c in committed[0].tolist())
         head = f"forward {forwards[0]:3d}  positions {s:3d}-{s + block - 1:3d}  |"
         print(f"{head}{text}|  +{int(committed[0].sum())} committed")

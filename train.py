@@ -159,6 +159,7 @@ if init_from != "scratch":
             if config[key] != checkpoint["config"][key]:
                 sys.exit(f"error: resuming a run trained with {key}={checkpoint['config'][key]!r} but {key}="
                          f"{config[key]!r} was given; resume with the run's own config file")
+        config["init_from"] = checkpoint["config"]["init_from"]  # keep the record of the source run
     else:
         config["init_from"] = os.path.abspath(src_dir)  # the source run, e.g. the AR baseline of a conversion
 model = Transformer(ModelConfig(**model_args))
