@@ -102,7 +102,7 @@ if __name__ == "__main__":
         if dlm_config["mode"] == "ar":  # an AR run alone: its row only
             ar_dir, thresholds = out_dir, ()
         ar_dir = ar_dir or dlm_config["init_from"]
-        ar_model, ar_config, _ = from_checkpoint(ar_dir, device)
+        ar_model, _, _ = from_checkpoint(ar_dir, device)
         problems = load_problems(dlm_config["dataset"], n_test)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")

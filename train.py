@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import torch
