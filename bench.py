@@ -51,12 +51,12 @@ def load_problems(dataset, n=0):
     return problems
 
 
-def decoder(model, meta, dlm, threshold=1.0, block=16, pattern="block", token_shift=False):
+def decoder(model, meta, dlm, threshold=1.0, block=16, pattern="block", token_shift=False, fuse_commit=True):
     """decode(prompts, max_new_tokens) -> (outputs, stats), greedy, with the KV cache."""
     if not dlm:
         return lambda prompts, n: generate_ar(model, prompts, n, end_id=meta["end_id"])
-    return lambda prompts, n: generate_block(model, prompts, n, block, meta["mask_id"], threshold,
-                                             end_id=meta["end_id"], pattern=pattern, token_shift=token_shift)
+    return lambda prompts, n: generate_block(model, prompts, n, block, meta["mask_id"], threshold, end_id=meta["end_id"],
+                                             pattern=pattern, token_shift=token_shift, fuse_commit=fuse_commit)
 
 
 def evaluate(decode, problems, meta, batch_size=100):

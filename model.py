@@ -478,19 +478,22 @@ def block_logits(window, s, block_size, token_shift=False):
 @torch.no_grad()
 def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshold=0.9,
                    temperature=0.0, top_k=None, end_id=None, pattern="block", kv_cache=True,
-                   token_shift=False, generator=None, on_step=None):
+                   token_shift=False, fuse_commit=True, generator=None, on_step=None):
     """Block-parallel decoding of a block-diffusion LM (method.md section 6).
 
     Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free
     positions masked and each forward commits every masked position whose confidence is at
     least `threshold`, and at least the most confident one, so a block takes at most B
-    forwards. With the KV cache, a finished block is written into the cache by a commit pass
-    (the prefill of the next step). `on_step(s, block, committed)` is called after every forward
-    with the block start, its (b, B) tokens and the positions committed in that forward.
+    forwards. With the KV cache, a finished block must be written into the cache (its clean
+    keys/values) before the next block can see it: with `fuse_commit` that happens in the first
+    denoising forward of the next block, which runs [clean block k ; masked block k+1] under
+    the same rule as training, otherwise in a commit pass of its own, one forward more per
+    block. `on_step(s, block, committed)` is called after every forward with the block start,
+    its (b, B) tokens and the positions committed in that forward.
 
     stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
     row_forwards, per row the forwards spent on its own output (the steps in which it had masks
-    left, and the commit passes between its blocks), which is what a row would cost alone."""
+    left, and any separate commit passes between its blocks), which is what a row would cost alone."""
     if pattern == "bidirectional" and kv_cache:
         raise ValueError("bidirectional attention has no exact KV cache: decode with kv_cache=False")
     if not 0 < threshold <= 1:
@@ -500,7 +503,7 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
     abs_pos = torch.arange(seq.size(1), device=device)
     free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    window = Window(model, seq, attention_rule(pattern, B), kv_cache, align=B)
+    window = Window(model, seq, attention_rule(pattern, B), kv_cache, align=B, fuse_prefill=fuse_commit)
     steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
     for s in range(int(lens.min()) // B * B, int(limit.max()), B):
         block = seq[:, s:s + B]  # a view: commits write straight into seq
@@ -526,7 +529,7 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
             if done.all():
                 break
     model.clear_cache()
-    row_forwards = steps + (blocks - 1).clamp(min=0) * kv_cache
+    row_forwards = steps + (blocks - 1).clamp(min=0) * (kv_cache and not fuse_commit)
     return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards, row_forwards=row_forwards.tolist())
 
 

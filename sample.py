@@ -31,6 +31,7 @@ device = "auto"
 dtype = "float32"
 compile = False
 kv_cache = True             # False recomputes the whole sequence every forward (the reference)
+fuse_commit = True          # dLM: write a finished block into the cache in the next block's first forward
 show_steps = False          # dLM: print each forward's block for the first sample ('_' masked, '$' end)
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -96,7 +97,7 @@ if dlm:
 
     outs, stats = generate_block(model, prompts, max_new_tokens, block, meta["mask_id"], threshold,
                                  temperature, top_k or None, meta["end_id"], train_config["attention"],
-                                 kv, train_config["token_shift"], generator, show if show_steps else None)
+                                 kv, train_config["token_shift"], fuse_commit, generator, show if show_steps else None)
 else:
     outs, stats = generate_ar(model, prompts, max_new_tokens, temperature, top_k or None, meta["end_id"],
                               kv_cache, generator)

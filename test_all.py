@@ -175,9 +175,10 @@ def test_block_decoding_cache_equals_recompute(threshold, pattern, shift):
     model = tiny_model(context_len=32)
     prompts = prompts_of([3, 13])
     args = dict(max_new_tokens=70, block_size=8, mask_id=23, threshold=threshold, pattern=pattern, token_shift=shift)
-    cached, stats = generate_block(model, prompts, kv_cache=True, **args)
     full, full_stats = generate_block(model, prompts, kv_cache=False, **args)
-    assert cached == full
+    for fuse in (True, False):  # the commit fused into the next block's first forward, or its own pass
+        cached, stats = generate_block(model, prompts, kv_cache=True, fuse_commit=fuse, **args)
+        assert cached == full
     assert all(len(o) == 70 for o in cached)
     if threshold < 0.8:  # the test must exercise parallel commits
         assert full_stats["forward_passes"] < 60
@@ -222,13 +223,15 @@ def test_threshold_decoding_terminates_within_block_size_forwards():
 def test_threshold_one_is_one_token_per_forward_plus_commit_passes():
     model = tiny_model()
     B, P, N = 8, 3, 37
-    out, stats, steps = count_steps(model, prompts_of([P]), N, B, 1.0)
     n_blocks = -(-(P + N) // B)
-    assert sum(steps.values()) == N
-    assert stats["forward_passes"] == N + (n_blocks - 1)  # one commit pass between blocks
-    # a prompt of whole blocks is prefilled in one forward
-    out, stats, steps = count_steps(model, prompts_of([2 * B]), N, B, 1.0)
-    assert stats["forward_passes"] == N + 1 + (-(-N // B) - 1)
+    for fuse in (True, False):
+        out, stats, steps = count_steps(model, prompts_of([P]), N, B, 1.0, fuse_commit=fuse)
+        assert sum(steps.values()) == N
+        # unfused: one commit pass between blocks; fused: none, the prompt prefill neither
+        assert stats["forward_passes"] == N + (n_blocks - 1) * (not fuse)
+        # a prompt of whole blocks: prefilled in a forward of its own, unless fused
+        out, stats, steps = count_steps(model, prompts_of([2 * B]), N, B, 1.0, fuse_commit=fuse)
+        assert stats["forward_passes"] == N + (1 + (-(-N // B) - 1)) * (not fuse)
 
 
 # ----------------------------------------------------------------------------------------
@@ -387,9 +390,14 @@ def test_sample_script(workdir, threshold):
         stats = last_json(out)
         texts[kv] = out.splitlines()[:-1]
         assert stats["generated_tokens"] == 60
-        if threshold == 1.0:  # 30 tokens in blocks of 8 from position 6: 5 blocks, 4 commit passes
-            assert stats["forward_passes"] == 30 + 4 * kv
-    assert texts[True] == texts[False]
+        if threshold == 1.0:  # one token per forward; each commit is fused into a denoising forward
+            assert stats["forward_passes"] == 30
+    code, out, err = run("sample.py", "--out_dir=out-dlm", "--start=ROMEO:", "--max_new_tokens=30",
+                         f"--threshold={threshold}", "--num_samples=2", "--fuse_commit=False", cwd=workdir)
+    assert code == 0, err
+    if threshold == 1.0:  # 30 tokens in blocks of 8 from position 6: 5 blocks, 4 commit passes of their own
+        assert last_json(out)["forward_passes"] == 30 + 4
+    assert texts[True] == texts[False] == out.splitlines()[:-1]
     code, out, err = run("sample.py", "--out_dir=out-ar", "--start=ROMEO:", "--max_new_tokens=20", cwd=workdir)
     assert code == 0, err
     assert last_json(out)["forward_passes"] == 20
@@ -449,14 +457,20 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
             cur = []
         else:
             cur.append(itos[t])
-    prompts = {line[:line.index("=") + 1] for line in lines}
+    prompts = {line[:line.rindex("=") + 1] for line in lines}
     assert len(lines) > 9000 and not prompts & {p["prompt"] for p in test}
+
+    def chain(x):  # steps from the top down: evaluate them from the bottom up
+        env = {}
+        for step in reversed(x.split(";")):
+            name, expr = step.split("=")
+            env[name] = eval(expr, {}, dict(env)) % 10
+        return ",".join(map(str, env.values()))
     for p in test:  # every answer is right
         x = p["prompt"].split(" ", 1)[1][:-1]
         want = {"rev": lambda: x[::-1], "dup": lambda: x + x, "sort": lambda: "".join(sorted(x)),
-                "add": lambda: str(int(x.split("+")[0][::-1]) + int(x.split("+")[1][::-1]))[::-1]}
-        if p["task"] in want:
-            assert p["answer"] == want[p["task"]]()
+                "add": lambda: str(sum(int(n[::-1]) for n in x.split("+"))).zfill(6)[::-1], "chain": lambda: chain(x)}
+        assert p["answer"] == want[p["task"]]()
 
 
 def test_answer_checker():
@@ -498,21 +512,22 @@ class Oracle(torch.nn.Module):
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.9, 0.7, 0.5])
-def test_task_evaluation_with_an_oracle(threshold):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_task_evaluation_with_an_oracle(threshold, fuse):
     from bench import decoder, evaluate
     B = 4
-    result = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=False), TASK_META, True, threshold, B),
+    result = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=False), TASK_META, True, threshold, B, fuse_commit=fuse),
                       TASK_PROBLEMS, TASK_META, batch_size=len(TASK_PROBLEMS))
     assert result["average"] == 100.0
     # what the rule needs per answer: with certainty everywhere, one forward per block (one per
-    # token at threshold 1.0), and a commit pass between blocks; nothing after the end token
+    # token at threshold 1.0), and unfused a commit pass between blocks; nothing after the end token
     tokens = forwards = 0
     for p in TASK_PROBLEMS:
         start, end = len(p["prompt"]), len(p["prompt"]) + len(p["answer"]) + 1
         blocks = (end - 1) // B - start // B + 1
         tokens += end - start
         steps = end - start if threshold == 1.0 else blocks
-        forwards += steps + blocks - 1
+        forwards += steps + (blocks - 1) * (not fuse)
     assert abs(result["tokens_per_forward"] - tokens / forwards) < 1e-12
     ar = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=True), TASK_META, False), TASK_PROBLEMS, TASK_META)
     assert ar["average"] == 100.0 and ar["tokens_per_forward"] == 1.0

@@ -2,18 +2,21 @@
 Tasks with exact answers, generated offline from a seed: the demo where parallel decoding pays
 off. Each problem is one line `<task> <input>=<answer>` followed by the end token.
 
-    rev    reverse a string             rev kqzbw=wbzqk
-    dup    write a string twice         dup kqz=kqzkqz
-    sort   sort distinct letters        sort qbkz=bkqz
-    add    add two numbers, digits      add 573+94=4201     (375 + 49 = 1024, written backwards:
-           least significant first                           the order in which carries flow)
-    chain  evaluate a chain mod 10,     chain a=3;b=a+4;c=b*2=3,7,4
-           giving every variable
+    rev    reverse a string                    rev kqzbw=wbzqk
+    dup    write a string twice                dup kqz=kqzkqz
+    sort   sort a string                       sort qbkz=bkqz
+    add    add two numbers of up to 5 digits,  add 57300+94000=424000   (375 + 49 = 424)
+           written least significant digit first and padded with zeros: the digits that
+           add up stand at fixed distances, and a carry flows forward, in writing order
+    chain  evaluate a chain of steps mod 10,   chain c=b*2;b=a+4;a=3=3,7,4
+           defined from the top down, answered from the bottom up with every variable
+
+Strings are of distinct letters, so that a letter can be looked up where it stood.
 
 Writes train.bin / val.bin (a stream of training problems), test.jsonl (held-out prompts and
 answers, none of them seen in training) and meta.json (vocabulary, mask and end ids, dtype).
 
-    python data/tasks/prepare.py [--seed=1337] [--n_train=200000] [--n_test=100]
+    python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100]
 """
 
 import argparse
@@ -29,12 +32,12 @@ LETTERS = string.ascii_lowercase
 
 
 def rev(r):
-    s = "".join(r.choices(LETTERS, k=r.randint(5, 20)))
+    s = "".join(r.sample(LETTERS, r.randint(5, 20)))
     return s, s[::-1]
 
 
 def dup(r):
-    s = "".join(r.choices(LETTERS, k=r.randint(3, 20)))
+    s = "".join(r.sample(LETTERS, r.randint(3, 20)))
     return s, s + s
 
 
@@ -44,35 +47,37 @@ def sort(r):
 
 
 def add(r):
-    a, b = (r.randint(10, 10 ** r.randint(2, 5) - 1) for _ in range(2))
-    backwards = lambda n: str(n)[::-1]
-    return f"{backwards(a)}+{backwards(b)}", backwards(a + b)
+    a, b = (r.randint(0, 10 ** r.randint(1, 5) - 1) for _ in range(2))
+    digits = lambda n, width: str(n).zfill(width)[::-1]
+    return f"{digits(a, 5)}+{digits(b, 5)}", digits(a + b, 6)
 
 
 def chain(r):
-    names = LETTERS[:r.randint(3, 6)]
+    names = LETTERS[:r.randint(3, 5)]
     values = [r.randint(0, 9)]
     steps = [f"{names[0]}={values[0]}"]
     for i in range(1, len(names)):
         op, k = r.choice("+*"), r.randint(1, 9)
         values.append((values[-1] + k if op == "+" else values[-1] * k) % 10)
         steps.append(f"{names[i]}={names[i - 1]}{op}{k}")
-    return ";".join(steps), ",".join(map(str, values))
+    return ";".join(reversed(steps)), ",".join(map(str, values))
 
 
 TASKS = dict(rev=rev, dup=dup, sort=sort, add=add, chain=chain)
+WEIGHTS = dict(rev=1, dup=1, sort=1, add=2, chain=3)  # the arithmetic needs more examples
 
 
-def problems(seed, n):
-    """n problems per task: (task, prompt, answer), in a seeded order."""
+def problems(seed, n, weights=None):
+    """n problems per task (times its weight): (task, prompt, answer), in a seeded order."""
     r = random.Random(seed)
-    return [(name, f"{name} {x}=", y) for _ in range(n) for name, fn in TASKS.items() for x, y in [fn(r)]]
+    rounds = [name for name in TASKS for _ in range((weights or {}).get(name, 1))]
+    return [(name, f"{name} {x}=", y) for _ in range(n) for name in rounds for x, y in [TASKS[name](r)]]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--n_train", type=int, default=40000, help="training problems per task")
+    p.add_argument("--n_train", type=int, default=40000, help="training problems per task (times its weight)")
     p.add_argument("--n_val", type=int, default=1000, help="validation problems per task")
     p.add_argument("--n_test", type=int, default=100, help="test problems per task")
     p.add_argument("--out_dir", default=here)
@@ -84,7 +89,7 @@ def main():
         if prompt not in seen and sum(t == task for t, _, _ in test) < args.n_test:
             test.append((task, prompt, answer))
             seen.add(prompt)
-    train = [q for q in problems(args.seed, args.n_train) if q[1] not in seen]
+    train = [q for q in problems(args.seed, args.n_train, WEIGHTS) if q[1] not in seen]
     val = [q for q in problems(args.seed + 2, args.n_val) if q[1] not in seen]
 
     chars = sorted(set("".join(p + a for _, p, a in train + test + val)))
