@@ -13,6 +13,7 @@ block-diffusion LM with an exact KV cache) lives at the bottom of the file.
 
 import math
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -294,29 +295,40 @@ def mask_half_life_beta(half_life, block_size):
     return math.log(2) / (half_life * block_size) if half_life else 0.0
 
 
-def corrupt(x_0, block_size, mask_id, t, k, beta=0.0, generator=None):
+def corrupt(x_0, block_size, mask_id, t, k, beta=0.0, generator=None, maskable=None, u=None):
     """Mask exactly k[b, n] positions of each block n of each row, chosen by Gumbel-top-k over
     log-weights beta (1 - t) i (i = position in the block): beta > 0 masks later positions
-    more, most so for small t. Vectorised over rows and blocks. Returns (x_t, masked)."""
+    more, most so for small t. Vectorised over rows and blocks. Returns (x_t, masked).
+    maskable (b, L) bool, optional: only these positions may be masked (k must not exceed
+    their number in the block). u (b, L/B, B), optional: the uniform noise to use."""
     b, L = x_0.shape
     i = torch.arange(block_size, device=x_0.device, dtype=torch.float32)
-    u = torch.rand(b, L // block_size, block_size, device=x_0.device, generator=generator)
+    if u is None:
+        u = torch.rand(b, L // block_size, block_size, device=x_0.device, generator=generator)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
     scores = beta * (1 - t)[..., None] * i + gumbel
+    if maskable is not None:
+        scores = scores.masked_fill(~maskable.view(scores.shape), -math.inf)
     rank = scores.argsort(-1, descending=True).argsort(-1)  # 0 = the highest score
     masked = (rank < k[..., None]).reshape(b, L)
     return torch.where(masked, mask_id, x_0), masked
 
 
 def diffusion_loss(model, x_0, mask, pattern, block_size, mask_id, half_life=None, eps=1e-3,
-                   token_shift=False, generator=None):
+                   token_shift=False, generator=None, maskable=None):
     """The training loss (method.md sections 4-5): per block t ~ U(eps, 1), exactly round(t B)
-    positions masked, sum over masked positions of CE / t, divided by the tokens (b L)."""
+    positions masked, sum over masked positions of CE / t, divided by the tokens (b L).
+    With `maskable` (b, L) bool, round(t n) of the block's n maskable positions are masked
+    instead: the rest stay clean, as a prompt does when decoding."""
     b, L = x_0.shape
     nb = L // block_size
-    t = eps + (1 - eps) * torch.rand(b, nb, device=x_0.device, generator=generator)
-    k = torch.round(t * block_size)
-    x_t, masked = corrupt(x_0, block_size, mask_id, t, k, mask_half_life_beta(half_life, block_size), generator)
+    # each row's noise in one draw: a batch then equals the same rows split into micro-batches
+    noise = torch.rand(b, nb, block_size + 1, device=x_0.device, generator=generator)
+    t = eps + (1 - eps) * noise[..., 0]
+    n = block_size if maskable is None else maskable.view(b, nb, block_size).sum(-1)
+    k = torch.round(t * n)
+    x_t, masked = corrupt(x_0, block_size, mask_id, t, k, mask_half_life_beta(half_life, block_size), generator,
+                          maskable, noise[..., 1:])
     weight = masked / t.repeat_interleave(block_size, dim=1)
     return _weighted_ce(model, x_t, x_0, mask, pattern, block_size, token_shift, weight) / (b * L)
 
@@ -429,14 +441,21 @@ def _prompt_buffer(prompts, max_new_tokens, fill, device, pad_to=1):
     return seq, lens, limit
 
 
+def _is_end(tokens, end_id):
+    """Where tokens are an end token: end_id is one id or a list of them (e.g. Qwen's
+    <|endoftext|> and <|im_end|>)."""
+    ends = torch.as_tensor(end_id, device=tokens.device)
+    return torch.isin(tokens, ends)
+
+
 def _outputs(seq, lens, limit, end_id):
     """Each row's generated tokens, cut at its first end token (which is dropped)."""
+    ends = set() if end_id is None else set(end_id) if isinstance(end_id, (list, tuple)) else {end_id}
     out = []
     for r in range(seq.size(0)):
         toks = seq[r, lens[r]:limit[r]].tolist()
-        if end_id is not None and end_id in toks:
-            toks = toks[:toks.index(end_id)]
-        out.append(toks)
+        first = next((i for i, t in enumerate(toks) if t in ends), len(toks))
+        out.append(toks[:first])
     return out
 
 
@@ -456,7 +475,7 @@ def generate_ar(model, prompts, max_new_tokens, temperature=0.0, top_k=None, end
         seq[:, p] = torch.where(write, tok, seq[:, p])
         steps += write
         if end_id is not None:
-            done |= write & (tok == end_id)
+            done |= write & _is_end(tok, end_id)
             if done.all():  # one host sync per token, only when there is an end token
                 break
     model.clear_cache()
@@ -520,12 +539,12 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
             block.copy_(torch.where(commit, tok, block))
             todo &= ~commit
             if end_id is not None:  # what follows a row's first end token is dropped: not decoded
-                ended = ((block == end_id) & free[:, s:s + B]).long()
+                ended = (_is_end(block, end_id) & free[:, s:s + B]).long()
                 todo &= (ended.cumsum(-1) - ended) == 0
             if on_step is not None:
                 on_step(s, block, commit)
         if end_id is not None:  # the block holding a row's end token is its last
-            done |= ((block == end_id) & free[:, s:s + B]).any(-1)
+            done |= (_is_end(block, end_id) & free[:, s:s + B]).any(-1)
             if done.all():
                 break
     model.clear_cache()
@@ -533,12 +552,116 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
     return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards, row_forwards=row_forwards.tolist())
 
 
+# ----------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on every attention and MLP linear, folded into plain weights on save
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / rank) B A x, the base frozen; B starts at zero, so the model starts
+    unchanged."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def delta(self):  # s B A, in float32 at least
+        dt = torch.promote_types(self.lora_B.dtype, torch.float32)
+        return self.scale * (self.lora_B.to(dt) @ self.lora_A.to(dt))
+
+
+def add_lora(model, rank, alpha, train_others=True):
+    """Wraps the LORA_TARGETS linears in LoRALinear and freezes them; the embeddings, norms and
+    head stay trainable if train_others (the paper's choice), else frozen too."""
+    for p in model.parameters():
+        p.requires_grad_(train_others)
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LORA_TARGETS:
+                if not hasattr(parent, name):
+                    continue
+                base = getattr(parent, name)
+                base.requires_grad_(False)
+                setattr(parent, name, LoRALinear(base, rank, alpha))
+    return model
+
+
+def merged_state_dict(model):
+    """The state dict of a plain Transformer: each LoRALinear folded into its weight (W + s B A)."""
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            w = m.base.weight
+            state[name + ".weight"] = (w + m.delta()).to(w.dtype).detach()
+    return state
+
+
+def lora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_lora(model, merged, lora):
+    """Restores a LoRA run saved as merged weights and its adapters: the frozen weight is the
+    merged one less the adapters' product (equal to the original up to float rounding)."""
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = dict(lora)
+    for k, v in merged.items():
+        prefix, _, leaf = k.rpartition(".")
+        state[f"{prefix}.base.{leaf}" if prefix in wrapped else k] = v
+    model.load_state_dict(state)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.base.weight.copy_((m.base.weight - m.delta()).to(m.base.weight.dtype))
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, unsafe or of the wrong shape (a one-line reason)."""
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True: our checkpoints hold tensors and plain Python values
+    only, so a file that needs anything else (a pickle that could run code) is refused."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first or pass the right --out_dir")
+    try:
+        # memory-mapped: tensors are read when used, so a big checkpoint is not held twice
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, refused for safety "
+                              f"({str(e).splitlines()[0][:120]}); it is not a checkpoint of ours") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+                              f"use an earlier copy or train again") from None
+    missing = {"model", "model_args", "config", "meta"} - set(checkpoint) if isinstance(checkpoint, dict) else {"model"}
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
+    # a checkpoint saved from a compiled model would carry '_orig_mod.' in its keys
+    checkpoint["model"] = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
+    return checkpoint
+
+
+def model_from(checkpoint, path, **overrides):
+    """The Transformer of a loaded checkpoint, its weights checked against the architecture."""
+    model = Transformer(ModelConfig(**dict(checkpoint["model_args"], **overrides)))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first mismatch torch lists
+        raise CheckpointError(f"{path}: the weights do not fit the architecture recorded with them ({first[:160]})") from None
+    return model
+
+
 def from_checkpoint(out_dir, device="cpu"):
     """The model of a train.py checkpoint, with its training config and vocabulary (meta)."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one first or pass --out_dir")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
-    model = Transformer(ModelConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint["config"], checkpoint["meta"]
+    checkpoint = load_checkpoint(path, device)
+    return model_from(checkpoint, path).to(device).eval(), checkpoint["config"], checkpoint["meta"]

@@ -15,7 +15,7 @@ import time
 import torch
 
 from configurator import configure
-from model import from_checkpoint, generate_ar, generate_block
+from model import CheckpointError, from_checkpoint, generate_ar, generate_block
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -33,6 +33,7 @@ compile = False
 kv_cache = True             # False recomputes the whole sequence every forward (the reference)
 fuse_commit = True          # dLM: write a finished block into the cache in the next block's first forward
 show_steps = False          # dLM: print each forward's block for the first sample ('_' masked, '$' end)
+chat = False                # converted Qwen checkpoints: wrap the prompt in Qwen's chat template
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 globals().update(configure(defaults))
@@ -50,22 +51,37 @@ torch.manual_seed(seed)
 
 try:
     model, train_config, meta = from_checkpoint(out_dir, device)
-except FileNotFoundError as e:
+except CheckpointError as e:
     sys.exit(f"error: {e}")
 model.to(dtype=getattr(torch, dtype))
 if compile:
     model = torch.compile(model, dynamic=True)
 
-# the character vocabulary travels in the checkpoint
-itos = meta["itos"]
-stoi = {c: i for i, c in enumerate(itos[:meta["mask_id"]])}
 if start.startswith("FILE:"):
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
-unknown = sorted(set(start) - set(stoi))
-if unknown:
-    sys.exit(f"error: the prompt has characters outside the vocabulary: {''.join(unknown)!r}")
-prompt = [stoi[c] for c in start]
+if meta.get("tokenizer") == "tiktoken":  # a converted Qwen model: its tokenizer lies beside the checkpoint
+    from convert_qwen import load_tokenizer
+    try:
+        tokenizer = load_tokenizer(out_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    if chat:
+        start = f"<|im_start|>user\n{start}<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tokenizer.encode(start, allow_special=chat)
+    decode, end_id = tokenizer.decode, meta["end_ids"]
+    piece = lambda t: tokenizer.decode([t])
+else:  # the character vocabulary travels in the checkpoint
+    if chat:
+        sys.exit("error: --chat=True needs a converted Qwen checkpoint (a character model has no chat template)")
+    itos = meta["itos"]
+    stoi = {c: i for i, c in enumerate(itos[:meta["mask_id"]])}
+    unknown = sorted(set(start) - set(stoi))
+    if unknown:
+        sys.exit(f"error: the prompt has characters outside the vocabulary: {''.join(unknown)!r}")
+    prompt = [stoi[c] for c in start]
+    decode, end_id = (lambda ts: "".join(itos[t] for t in ts)), meta["end_id"]
+    piece = lambda t: itos[t]
 if not prompt:
     sys.exit("error: the prompt is empty; pass --start=TEXT")
 ctx_len = model.config.context_len
@@ -88,25 +104,25 @@ if dlm:
 
     def show(s, tokens, committed):
         forwards[0] += 1
-        shown = {meta["mask_id"]: "_", meta["end_id"]: "$", stoi.get("\n"): "⏎"}
-        text = "".join(shown.get(t, itos[t]) for t in tokens[0].tolist())
+        shown = {meta["mask_id"]: "_", **{e: "$" for e in (end_id if isinstance(end_id, list) else [end_id])}}
+        text = "".join(shown.get(t, piece(t).replace("\n", "⏎")) for t in tokens[0].tolist())
         marks = "".join("^" if c else " " for c in committed[0].tolist())
         head = f"forward {forwards[0]:3d}  positions {s:3d}-{s + block - 1:3d}  |"
         print(f"{head}{text}|  +{int(committed[0].sum())} committed")
         print(" " * len(head) + marks)
 
     outs, stats = generate_block(model, prompts, max_new_tokens, block, meta["mask_id"], threshold,
-                                 temperature, top_k or None, meta["end_id"], train_config["attention"],
+                                 temperature, top_k or None, end_id, train_config["attention"],
                                  kv, train_config["token_shift"], fuse_commit, generator, show if show_steps else None)
 else:
-    outs, stats = generate_ar(model, prompts, max_new_tokens, temperature, top_k or None, meta["end_id"],
+    outs, stats = generate_ar(model, prompts, max_new_tokens, temperature, top_k or None, end_id,
                               kv_cache, generator)
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 seconds = time.perf_counter() - t0
 
 for out in outs:
-    print(start + "".join(itos[t] for t in out))
+    print(start + decode(out))
     print("---------------")
 generated = sum(len(o) for o in outs)
 print(json.dumps(dict(mode=train_config["mode"], threshold=threshold if dlm else None,

@@ -247,6 +247,12 @@ def test_masker_masks_exactly_round_t_b_per_block():
         x_t, masked = corrupt(x_0, B, 99, t, k, mask_half_life_beta(lam, B), g)
         assert torch.equal(masked.view(64, 8, B).sum(-1).float(), k)
         assert torch.equal(x_t == 99, masked) and torch.equal(x_t[~masked], x_0[~masked])
+    # only maskable positions are masked, round(t n) of the block's n
+    maskable = torch.rand(64, 8 * B, generator=g) < 0.4
+    n = maskable.view(64, 8, B).sum(-1)
+    _, masked = corrupt(x_0, B, 99, t, torch.round(t * n), mask_half_life_beta(0.1, B), g, maskable)
+    assert not masked[~maskable].any()
+    assert torch.equal(masked.view(64, 8, B).sum(-1).float(), torch.round(t * n))
 
 
 def position_frequencies(lam, B=16, t=1 / 16, n=20000, seed=0):
@@ -293,10 +299,10 @@ def test_diffusion_loss_by_hand():
     mask = layout_mask("block", B, L, "cpu")
     loss = diffusion_loss(FixedLogits(logits), x_0, mask, "block", B, mask_id, 0.1, 1e-3,
                           generator=torch.Generator().manual_seed(3))
-    # replay the same draws: t per block, then the masker
-    g = torch.Generator().manual_seed(3)
-    t = 1e-3 + (1 - 1e-3) * torch.rand(b, L // B, generator=g)
-    _, masked = corrupt(x_0, B, mask_id, t, torch.round(t * B), mask_half_life_beta(0.1, B), g)
+    # replay the same draws: per block t, then the masker's noise
+    noise = torch.rand(b, L // B, B + 1, generator=torch.Generator().manual_seed(3))
+    t = 1e-3 + (1 - 1e-3) * noise[..., 0]
+    _, masked = corrupt(x_0, B, mask_id, t, torch.round(t * B), mask_half_life_beta(0.1, B), u=noise[..., 1:])
     total = 0.0
     for r in range(b):
         for i in range(L):
@@ -323,6 +329,30 @@ def test_any_order_bound_by_hand():
     assert abs(bound.item() - sum(per_block).item() / len(per_block)) < 1e-6
 
 
+@pytest.mark.parametrize("mode", ["ar", "dlm"])
+def test_loss_does_not_depend_on_gradient_accumulation(mode):
+    """One batch of 2b rows gives the gradient of two accumulated micro-batches of b rows (each
+    loss divided by the number of micro-steps), drawing masks from the same generator."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=12, context_len=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                                    intermediate_size=32)).double()
+    x_0, B = torch.randint(0, 11, (4, 16)), 4
+    mask = layout_mask("causal" if mode == "ar" else "block", B, 16, "cpu")
+
+    def loss(rows, g):
+        if mode == "ar":
+            return F.cross_entropy(model(rows[:, :-1], torch.arange(15), mask[:15, :15]).flatten(0, 1), rows[:, 1:].flatten())
+        return diffusion_loss(model, rows, mask, "block", B, 11, 0.1, generator=g)
+
+    def grads(micro):
+        model.zero_grad()
+        g = torch.Generator().manual_seed(5)
+        for rows in x_0.chunk(micro):
+            (loss(rows, g) / micro).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+    one, two = grads(1), grads(2)
+    assert one.abs().max() > 0 and torch.allclose(one, two, rtol=1e-9, atol=1e-12)
+
 # ----------------------------------------------------------------------------------------
 # the scripts, end to end on a tiny run
 
@@ -334,7 +364,7 @@ def run(*args, cwd):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
-    for f in ("train.py", "sample.py", "model.py", "configurator.py"):
+    for f in ("train.py", "sample.py", "model.py", "configurator.py", "bench.py"):
         os.symlink(os.path.join(HERE, f), d / f)
     os.makedirs(d / "data" / "shakespeare_char")
     text = d / "input.txt"
@@ -403,6 +433,44 @@ def test_sample_script(workdir, threshold):
     assert last_json(out)["forward_passes"] == 20
 
 
+
+def test_bench_script_on_text(workdir):
+    if not os.path.exists(workdir / "out-dlm" / "ckpt.pt"):
+        pytest.skip("needs the checkpoints of test_training_lowers_loss_and_checkpoint_reloads")
+    code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--thresholds=(1.0, 0.5)", "--batch_sizes=(1, 2)", "--unfused=1.0",
+                         "--max_new_tokens=16", "--n_samples=2", "--repeats=1", "--val_batches=1", "--start=ROMEO:", cwd=workdir)
+    assert code == 0, err
+    result = last_json(out)
+    rows = {(r["mode"], r["threshold"], r["fuse_commit"], r["batch_size"]): r for r in result["decode"]}
+    assert set(rows) == {(m, t, f, b) for m, t, f in [("ar", None, True), ("dlm", 1.0, True), ("dlm", 0.5, True),
+                                                      ("dlm", 1.0, False)] for b in (1, 2)}
+    # 16 tokens: one forward each for AR and for the dLM at threshold 1.0 (commits fused; the
+    # prompt, 6 tokens, has no whole block of 8 to prefill); unfused, the 3 blocks (positions
+    # 6-7, 8-15, 16-21) need 2 commit passes more
+    assert rows["ar", None, True, 1]["forward_passes"] == 16 and rows["dlm", 1.0, True, 1]["forward_passes"] == 16
+    assert rows["dlm", 1.0, False, 1]["forward_passes"] == 18
+    assert rows["dlm", 0.5, True, 1]["forward_passes"] <= 16 and rows["ar", None, True, 2]["speedup_vs_ar"] == 1.0
+    assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 for r in rows.values())
+    assert result["val"]["ar_loss"] > 0 and result["val"]["dlm_bound"] > 0
+
+
+def test_gen_quality_by_hand():
+    """gen-PPL: the generated tokens' NLL under the AR model, each scored from scratch."""
+    import bench
+    model = tiny_model(sharp=1.0).float()
+    prompt, outs = [1, 2, 3], [[4, 5, 6, 4], [7, 7]]
+    ppl, entropy = bench.gen_quality(model, prompt, outs)
+    nll, n = 0.0, 0
+    for out in outs:
+        seq = prompt + out
+        for i in range(len(prompt), len(seq)):
+            x = torch.tensor([seq[:i]])
+            logits = model(x, torch.arange(i), torch.ones(i, i, dtype=torch.bool).tril())[0, -1]
+            nll, n = nll - torch.log_softmax(logits, -1)[seq[i]].item(), n + 1
+    assert abs(ppl - math.exp(nll / n)) < 1e-4 * ppl
+    h = lambda ps: -sum(p * math.log(p) for p in ps)
+    assert abs(entropy - (h([0.5, 0.25, 0.25]) + h([1.0])) / 2) < 1e-6
+
 # ----------------------------------------------------------------------------------------
 # configuration
 
@@ -427,11 +495,189 @@ def test_configurator_errors(tmp_path):
     assert "learning_rte" in str(e.value) and "learning_rate" in str(e.value)
 
 
+@pytest.mark.parametrize("path", sorted(f"config/{f}" for f in os.listdir(os.path.join(HERE, "config")) if f.endswith(".py")))
+def test_config_files_parse(path):
+    """Every shipped config sets known settings of the right types (train.py's defaults)."""
+    import ast as _ast
+    src = open(os.path.join(HERE, "train.py")).read()
+    block = src[src.index("# default settings"):src.index("defaults = {")]
+    defaults = {}
+    exec(compile(_ast.parse(block), "train.py", "exec"), {}, defaults)
+    cfg = configure(defaults, [os.path.join(HERE, path)], nullable={"mask_half_life"})
+    assert cfg["out_dir"] != defaults["out_dir"]
+
+
 def test_train_script_rejects_bad_flags(workdir):
     code, out, err = run("train.py", "--learning_rat=1", cwd=workdir)
     assert code != 0 and "learning_rat" in err and "learning_rate" in err and "Traceback" not in err
     code, out, err = run("train.py", *TINY, "--mode=dlm", "--block_size=5", cwd=workdir)
     assert code != 0 and "block_size" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------
+# never lose a run: atomic saves, exact resume, safe loading, one-line errors
+
+@pytest.fixture(scope="module")
+def ar_run(workdir):
+    """A small trained AR checkpoint in workdir/out-small."""
+    code, out, err = run("train.py", *TINY, "--out_dir=out-small", "--max_iters=4", "--eval_interval=4", cwd=workdir)
+    assert code == 0, err
+    return workdir / "out-small"
+
+
+def checkpoint_tensors(path):
+    ckpt = torch.load(path, weights_only=True)
+    state = ckpt["optimizer"]["state"]
+    return list(ckpt["model"].values()) + [v for k in sorted(state) for v in state[k].values()]
+
+
+@pytest.mark.parametrize("mode", ["ar", "dlm"])
+def test_resume_is_exact(workdir, mode):
+    """8 iterations straight equal 4, a restart from the checkpoint, and 4 more: the same
+    weights, optimizer state and losses (the data and masks of iteration i are drawn from
+    generators seeded by i, so nothing else needs restoring)."""
+    common = [*TINY, f"--mode={mode}", "--block_size=8", "--eval_interval=4", "--lr_decay_iters=8", "--warmup_iters=2"]
+    code, out, err = run("train.py", *common, f"--out_dir=resume-{mode}-a", "--max_iters=8", cwd=workdir)
+    assert code == 0, err
+    straight = losses(out)
+    code, out, err = run("train.py", *common, f"--out_dir=resume-{mode}-b", "--max_iters=4", cwd=workdir)
+    assert code == 0, err
+    code, out2, err = run("train.py", *common, f"--out_dir=resume-{mode}-b", "--max_iters=8", "--init_from=resume", cwd=workdir)
+    assert code == 0, err
+    assert losses(out) + losses(out2)[1:] == straight and len(straight) == 3
+    a, b = (checkpoint_tensors(workdir / f"resume-{mode}-{x}" / "ckpt.pt") for x in "ab")
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    ckpt = torch.load(workdir / f"resume-{mode}-a" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 8 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_distributed_equals_one_process_with_accumulation(workdir, ar_run, fsdp):
+    """torchrun with 2 processes (gloo, CPU) and 1 micro-step each, under DDP or FSDP: the same
+    loss and the same updated weights as 1 process with 2 accumulated micro-steps, for an AR and
+    a dLM step; and a run resumed under FSDP continues it."""
+    for mode in ("ar", "dlm"):
+        common = [*TINY, f"--init_from={ar_run.name}", f"--mode={mode}", "--block_size=8", "--max_iters=1",
+                  "--eval_interval=1", "--gradient_accumulation_steps=2", "--log_interval=1", "--warmup_iters=0"]
+        code, out, err = run("train.py", *common, f"--out_dir=dist-{mode}-1", cwd=workdir)
+        assert code == 0, err
+        one = [line for line in out.splitlines() if line.startswith("iter 1:")]
+        code, out, err = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                             f"--out_dir=dist-{mode}-2", f"--fsdp={fsdp}", cwd=workdir)
+        assert code == 0, err
+        two = [line for line in out.splitlines() if line.startswith("iter 1:")]
+        assert one[0].split(",")[0] == two[0].split(",")[0]  # 'iter 1: loss x.xxxx'
+        a, b = (torch.load(workdir / f"dist-{mode}-{n}" / "ckpt.pt", weights_only=True) for n in (1, 2))
+        assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=0) for k in a["model"])
+        assert any(not torch.equal(a["model"][k], v) for k, v in torch.load(ar_run / "ckpt.pt", weights_only=True)["model"].items())
+        moments = lambda c: [v for k in sorted(c["optimizer"]["state"]) for v in c["optimizer"]["state"][k].values()]
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(moments(a), moments(b)))
+    code, out, err = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                         "--out_dir=dist-dlm-2", f"--fsdp={fsdp}", "--init_from=resume", "--max_iters=2", cwd=workdir)
+    assert code == 0, err
+    assert torch.load(workdir / "dist-dlm-2" / "ckpt.pt", weights_only=True)["iter_num"] == 2
+
+
+def test_kill_during_save_keeps_a_loadable_checkpoint(workdir, ar_run):
+    """kill -9 at random moments of a run that saves every iteration: ckpt.pt always loads."""
+    import random
+    import shutil
+    import time
+    from model import load_checkpoint
+    shutil.copytree(ar_run, workdir / "out-kill", dirs_exist_ok=True)
+    rng = random.Random(0)
+    for _ in range(4):
+        p = subprocess.Popen([sys.executable, "train.py", *TINY, "--out_dir=out-kill", "--init_from=resume",
+                              "--max_iters=100000", "--eval_interval=1", "--eval_iters=1"], cwd=workdir,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        p.stdout.readline()  # started
+        time.sleep(rng.uniform(0.5, 3.0))
+        p.kill()
+        p.wait()
+        assert load_checkpoint(str(workdir / "out-kill" / "ckpt.pt"))["iter_num"] >= 4
+
+
+def test_failed_save_keeps_the_previous_checkpoint(workdir, ar_run):
+    """A write that fails (a file size limit stands in for a full disk): a one-line error, the
+    previous checkpoint byte for byte, no temporary file left."""
+    import resource
+    import shutil
+    import signal
+    shutil.copytree(ar_run, workdir / "out-full", dirs_exist_ok=True)
+    before = (workdir / "out-full" / "ckpt.pt").read_bytes()
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+    r = subprocess.run([sys.executable, "train.py", *TINY, "--out_dir=out-full", "--init_from=resume",
+                        "--max_iters=6", "--eval_interval=1"], cwd=workdir, capture_output=True, text=True,
+                       preexec_fn=small_disk)
+    assert r.returncode != 0 and "could not save" in r.stderr and "Traceback" not in r.stderr
+    assert (workdir / "out-full" / "ckpt.pt").read_bytes() == before
+    assert not (workdir / "out-full" / "ckpt.pt.tmp").exists()
+
+
+def test_unsafe_checkpoint_is_refused(workdir):
+    os.makedirs(workdir / "out-evil", exist_ok=True)
+    marker = workdir / "evil-ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save(dict(model={}, model_args={}, config={}, meta={}, payload=Evil()), workdir / "out-evil" / "ckpt.pt")
+    code, out, err = run("sample.py", "--out_dir=out-evil", cwd=workdir)
+    assert code != 0 and "refused" in err and "Traceback" not in err and not marker.exists()
+
+
+def bad_inputs(d, ckpt):
+    """(what, command line, words the one-line error must contain) for each bad input."""
+    data = d / "data"
+    for name, meta_edit, tokens in [("empty", {}, []), ("bigids", {"vocab_size": 10}, list(range(60)) * 3),
+                                    ("nomask", {"mask_id": 99}, list(range(10)) * 20)]:
+        os.makedirs(data / name, exist_ok=True)
+        meta = json.loads((data / "shakespeare_char" / "meta.json").read_text())
+        (data / name / "meta.json").write_text(json.dumps(dict(meta, **meta_edit)))
+        for split in ("train", "val"):
+            torch.tensor(tokens, dtype=torch.int32).numpy().astype(meta["dtype"]).tofile(data / name / f"{split}.bin")
+    truncated = d / "out-truncated"
+    os.makedirs(truncated, exist_ok=True)
+    (truncated / "ckpt.pt").write_bytes((ckpt / "ckpt.pt").read_bytes()[:5000])
+    long_prompt = "a" * 100
+    T = TINY
+    return [
+        ("unknown key", ["train.py", *T, "--n_layers=3"], ["n_layers", "n_layer"]),
+        ("wrong type", ["train.py", *T, "--batch_size=abc"], ["batch_size", "int"]),
+        ("missing config", ["train.py", "config/nope.py"], ["config/nope.py", "not found"]),
+        ("missing data", ["train.py", *T, "--dataset=nope"], ["nope", "prepare.py"]),
+        ("empty data", ["train.py", *T, "--dataset=empty"], ["train.bin", "0 tokens"]),
+        ("ids beyond vocab", ["train.py", *T, "--dataset=bigids"], ["token id 59", "vocabulary of 10"]),
+        ("mask id outside vocab", ["train.py", *T, "--dataset=nomask", "--mode=dlm", "--block_size=8"], ["mask_id 99"]),
+        ("missing checkpoint (train)", ["train.py", *T, "--init_from=out-nope"], ["out-nope", "no checkpoint"]),
+        ("missing checkpoint (sample)", ["sample.py", "--out_dir=out-nope"], ["out-nope", "no checkpoint"]),
+        ("other architecture", ["train.py", *T, "--n_layer=3", f"--init_from={ckpt.name}"], ["n_layer=3", "n_layer=2"]),
+        ("truncated checkpoint", ["sample.py", "--out_dir=out-truncated"], ["out-truncated", "corrupt or truncated"]),
+        ("block size", ["train.py", *T, "--mode=dlm", "--block_size=5"], ["block_size 5", "context_len 32"]),
+        ("threshold", ["sample.py", f"--out_dir={ckpt.name}", "--threshold=1.5"], ["threshold", "1.5"]),
+        ("max_new_tokens", ["sample.py", f"--out_dir={ckpt.name}", "--max_new_tokens=0"], ["max_new_tokens"]),
+        ("no cuda", ["train.py", *T, "--device=cuda"], ["cuda", "--device=cpu"]),
+        ("dtype", ["train.py", *T, "--dtype=float8"], ["dtype", "float8"]),
+        ("prompt too long", ["sample.py", f"--out_dir={ckpt.name}", f"--start={long_prompt}", "--max_new_tokens=4"],
+         ["prompt has 100 tokens", "32"]),
+    ]
+
+
+def test_bad_inputs_give_one_line_errors(workdir, ar_run):
+    if torch.cuda.is_available():
+        pytest.skip("the 'no cuda' case needs a machine without CUDA")
+    for what, argv, words in bad_inputs(workdir, ar_run):
+        code, out, err = run(*argv, cwd=workdir)
+        lines = [line for line in err.splitlines() if line.strip()]
+        print(f"{what}: {' '.join(a for a in argv if a not in TINY)[:70]}\n    {err.strip()}")  # for -s
+        if what == "prompt too long":  # a warning, and decoding goes on with the prompt's last part
+            assert code == 0 and len(lines) == 1 and all(w in lines[0] for w in words), (what, err)
+            continue
+        assert code != 0, what
+        assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), (what, err)
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,7 +688,7 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
     for d in ("a", "b"):
         code, out, err = run(script, "--n_train=2000", "--n_val=50", "--n_test=30", f"--out_dir={tmp_path / d}", cwd=tmp_path)
         assert code == 0, err
-    for f in ("train.bin", "val.bin", "test.jsonl", "meta.json"):
+    for f in ("train.bin", "val.bin", "train.answers.bin", "test.jsonl", "meta.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
@@ -450,13 +696,16 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
     import numpy as np
     train = np.fromfile(tmp_path / "a" / "train.bin", dtype=meta["dtype"]).tolist()
     itos, end = meta["itos"], meta["end_id"]
-    lines, cur = [], []
-    for t in train:
-        if t == end:
+    answers = np.fromfile(tmp_path / "a" / "train.answers.bin", dtype=np.uint8).tolist()
+    lines, cur, marks = [], [], []
+    for t, a in zip(train, answers):
+        if t == end:  # the answer marks cover what follows the last '=', the end token included
+            assert a == 1 and marks == [0] * ("".join(cur).rindex("=") + 1) + [1] * (len(cur) - "".join(cur).rindex("=") - 1)
             lines.append("".join(cur))
-            cur = []
+            cur, marks = [], []
         else:
             cur.append(itos[t])
+            marks.append(a)
     prompts = {line[:line.rindex("=") + 1] for line in lines}
     assert len(lines) > 9000 and not prompts & {p["prompt"] for p in test}
 
@@ -521,14 +770,15 @@ def test_task_evaluation_with_an_oracle(threshold, fuse):
     assert result["average"] == 100.0
     # what the rule needs per answer: with certainty everywhere, one forward per block (one per
     # token at threshold 1.0), and unfused a commit pass between blocks; nothing after the end token
-    tokens = forwards = 0
+    tokens, forwards = {}, {}
     for p in TASK_PROBLEMS:
         start, end = len(p["prompt"]), len(p["prompt"]) + len(p["answer"]) + 1
         blocks = (end - 1) // B - start // B + 1
-        tokens += end - start
         steps = end - start if threshold == 1.0 else blocks
-        forwards += steps + (blocks - 1) * (not fuse)
-    assert abs(result["tokens_per_forward"] - tokens / forwards) < 1e-12
+        tokens[p["task"]] = tokens.get(p["task"], 0) + end - start
+        forwards[p["task"]] = forwards.get(p["task"], 0) + steps + (blocks - 1) * (not fuse)
+    assert abs(result["tokens_per_forward"] - sum(tokens.values()) / sum(forwards.values())) < 1e-12
+    assert all(abs(result["task_tokens_per_forward"][t] - tokens[t] / forwards[t]) < 1e-12 for t in tokens)
     ar = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=True), TASK_META, False), TASK_PROBLEMS, TASK_META)
     assert ar["average"] == 100.0 and ar["tokens_per_forward"] == 1.0
 
@@ -541,3 +791,190 @@ def test_task_evaluation_with_uniform_logits():
     steps = []
     generate_block(uniform, [[0, 1, 2]], 9, 4, 11, 0.9, on_step=lambda s, blk, c: steps.append(int(c.sum())))
     assert steps == [1] * 9  # nothing is confident: one token per forward
+
+
+# ----------------------------------------------------------------------------------------
+# real Qwen checkpoints and tokenizers (transformers is the reference, in the tests only)
+
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                 "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_VOCAB = os.path.join(HERE, "..", "shared", "data", "qwen.tiktoken")
+TEXTS = ["Hello world!", "def f(x):\n    return x ** 2  # square\n\n\n", "1234567890 3.14159 -42", "   spaces   and\ttabs\t\t",
+         "line\r\nwindows\rmac\n\n\nend", "你好，世界。日本語のテキスト", "emoji 🤖🎉 mixed 👍🏽", "cafe\u0301 vs caf\u00e9, n\u0303",
+         "<|endoftext|> is a special token, so is <|im_end|>", "I'm, you're, they'll, it's, we'd", "ÀÉÎÕÜ ßæø", "x" * 300,
+         "def tok(s):\n\treturn [c for c in s if c.isalnum()]  # 42\n"]
+
+
+def hf_tokenizer(trained_on=None):
+    """A byte-level BPE tokenizer in tokenizers' format: Qwen's real vocabulary (from the rank
+    file) and special tokens, or one trained here on a few texts (always available)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, decoders
+    if trained_on is None:
+        if not os.path.exists(QWEN_VOCAB):
+            pytest.skip(f"{QWEN_VOCAB} is not there: the real-vocabulary test needs it")
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        tok = TikTokenConverter(vocab_file=QWEN_VOCAB, pattern=QWEN_PATTERN).converted()
+    else:
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                 show_progress=False)
+        tok.train_from_iterator(trained_on, trainer)
+    tok.normalizer = normalizers.NFC()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    return tok
+
+
+@pytest.mark.parametrize("which", ["synthetic", "qwen"])
+def test_tokenizer_matches_hugging_face(tmp_path, which):
+    from convert_qwen import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_hf
+    tok = hf_tokenizer(TEXTS * 20 if which == "synthetic" else None)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    pattern, ranks, special = tokenizer_from_hf(tmp_path / "tokenizer.json")
+    save_tokenizer(tmp_path, pattern, ranks, special)  # and back from our own files
+    for ours in (Tokenizer(pattern, ranks, special), load_tokenizer(tmp_path)):
+        for text in TEXTS + ["".join(TEXTS)]:
+            want = tok.encode(text).ids
+            assert ours.encode(text, allow_special=True) == want, text
+            assert ours.decode(want) == tok.decode(want, skip_special_tokens=False)
+        # without allow_special the special tokens' text is ordinary text
+        assert special["<|endoftext|>"] not in ours.encode("<|endoftext|>")
+    if which == "qwen":
+        assert ours.encode("Hello world!") == [9707, 1879, 0] and special["<|endoftext|>"] == 151643
+
+
+def tiny_hf_model(kind, dtype):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=50000.0)
+    if kind == "qwen3":  # q/k norm, tied head, head_dim not hidden/heads
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True))
+    else:  # q/k/v biases, untied head
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_()
+    for p in model.parameters():  # norms away from 1, so that a missed norm shows
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("kind,dtype,shard", [("qwen3", torch.float32, False), ("qwen2", torch.float32, True),
+                                              ("qwen3", torch.bfloat16, True)])
+def test_convert_qwen_matches_transformers(tmp_path, kind, dtype, shard):
+    from convert_qwen import convert
+    from model import from_checkpoint
+    tiny_hf_model(kind, dtype).save_pretrained(tmp_path / "hf", max_shard_size="40KB" if shard else "1GB")
+    hf = tiny_hf_model(kind, torch.float32)  # the reference: the same weights, rounded to dtype, in float32
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(dtype).float())
+    assert (tmp_path / "hf" / ("model.safetensors.index.json" if shard else "model.safetensors")).exists()
+    hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
+    convert(tmp_path / "hf", tmp_path / "ours", dtype="float32")
+    ours, config, meta = from_checkpoint(tmp_path / "ours")
+    assert config["mode"] == "ar" and meta["mask_id"] < 640 and meta["end_id"] is not None
+    x = torch.randint(0, 640, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(x).logits
+    got = ours(x, torch.arange(40), torch.ones(40, 40, dtype=torch.bool).tril())
+    assert (got - want).abs().max() < 1e-4
+    # greedy AR generation, token for token
+    prompt = x[:1, :7]
+    want = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)[0, 7:].tolist()
+    assert generate_ar(ours, [prompt[0].tolist()], 20)[0][0] == want
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+    import struct
+    from convert_qwen import ConversionError, read_safetensors
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                         "b": {"dtype": "F16", "shape": [3], "data_offsets": [16, 22]}}).encode()
+    good = struct.pack("<Q", len(header)) + header + torch.arange(4.0).numpy().tobytes() + bytes(6)
+    (tmp_path / "good.safetensors").write_bytes(good)
+    assert read_safetensors(tmp_path / "good.safetensors")["a"].tolist() == [[0, 1], [2, 3]]
+
+    def variant(name, data):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConversionError) as e:
+            read_safetensors(tmp_path / name)
+        return str(e.value)
+
+    def with_header(h):
+        h = json.dumps(h).encode()
+        return struct.pack("<Q", len(h)) + h + bytes(22)
+    assert "truncated" in variant("truncated", good[:-10])
+    assert "past the end" in variant("long", struct.pack("<Q", 10 ** 9) + header)
+    assert "too short" in variant("tiny", b"abc")
+    assert "JSON" in variant("json", struct.pack("<Q", 5) + b"{nope" + bytes(22))
+    assert "outside" in variant("offsets", with_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}))
+    assert "overlap" in variant("overlap", with_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}))
+    assert "needs" in variant("size", with_header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}))
+    assert "dtype" in variant("dtype", with_header({"a": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}))
+
+
+def test_qwen_convert_prepare_train_sample(tmp_path):
+    """A converted Qwen3-shaped model: text prepared with its tokenizer, one dLM step from it,
+    and chat sampling, through the scripts as a user runs them."""
+    hf = tiny_hf_model("qwen3", torch.float32)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
+    for f in ("train.py", "sample.py", "model.py", "configurator.py", "convert_qwen.py"):
+        os.symlink(os.path.join(HERE, f), tmp_path / f)
+    os.makedirs(tmp_path / "data" / "text")
+    os.symlink(os.path.join(HERE, "data", "text", "prepare.py"), tmp_path / "data" / "text" / "prepare.py")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(dict(text=t)) + "\n" for t in TEXTS * 4))
+    steps = [["convert_qwen.py", "--hf_dir=hf", "--out_dir=out-qwen", "--context_len=64"],
+             ["data/text/prepare.py", "--input=docs.jsonl", "--tokenizer=out-qwen", "--val_fraction=0.2"],
+             ["train.py", "--dataset=text", "--init_from=out-qwen", "--out_dir=out-qwen-dlm", "--mode=dlm", "--block_size=8",
+              "--context_len=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"],
+             ["sample.py", "--out_dir=out-qwen-dlm", "--start=Hello", "--chat=True", "--max_new_tokens=8"],
+             ["train.py", "--dataset=text", "--init_from=out-qwen", "--out_dir=out-qwen-lora", "--mode=dlm", "--block_size=8",
+              "--context_len=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu",
+              "--lora_rank=4"],
+             ["train.py", "--dataset=text", "--out_dir=out-qwen-lora", "--init_from=resume", "--mode=dlm", "--block_size=8",
+              "--context_len=32", "--batch_size=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--device=cpu",
+              "--lora_rank=4"],
+             ["sample.py", "--out_dir=out-qwen-lora", "--start=Hello", "--max_new_tokens=8"],
+             ["sample.py", "--out_dir=out-qwen", "--start=Hello", "--max_new_tokens=8"]]
+    for argv in steps:
+        code, out, err = run(*argv, cwd=tmp_path)
+        assert code == 0, (argv, err)
+    assert last_json(out)["mode"] == "ar" and last_json(out)["forward_passes"] == 8  # converted, not yet trained: AR
+    meta = json.loads((tmp_path / "data" / "text" / "meta.json").read_text())
+    assert meta["dtype"] == "uint32" and meta["mask_token"] == "<|fim_pad|>"
+
+
+def test_lora():
+    from model import add_lora, load_lora, lora_state_dict, merged_state_dict
+    base = tiny_model(sharp=1.0)
+    x, pos, mask = torch.randint(0, 23, (2, 12)), torch.arange(12), torch.ones(12, 12, dtype=torch.bool).tril()
+    want = base(x, pos, mask)
+    model = add_lora(tiny_model(sharp=1.0), rank=4, alpha=8.0)
+    assert torch.equal(model(x, pos, mask), want)  # B = 0: unchanged
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x, pos, mask).logsumexp(-1).mean().backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(".lora_B" in k for k in changed) and all(".base." not in k for k in changed)
+    assert "embed_tokens.weight" in changed  # the others train too (the default)
+    out = model(x, pos, mask)
+    plain = Transformer(base.config).double()
+    plain.load_state_dict(merged_state_dict(model))  # a plain model, no LoRA code
+    assert (plain(x, pos, mask) - out).abs().max() < 1e-10
+    restored = add_lora(Transformer(base.config).double(), rank=4, alpha=8.0)  # resume: merged weights + adapters
+    load_lora(restored, merged_state_dict(model), lora_state_dict(model))
+    assert (restored(x, pos, mask) - out).abs().max() < 1e-10
+    frozen = add_lora(tiny_model(sharp=1.0), rank=4, alpha=8.0, train_others=False)
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {n for n, _ in frozen.named_parameters() if ".lora_" in n}

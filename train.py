@@ -14,6 +14,7 @@ is causal across blocks and bidirectional inside one (model.py, "Attention rules
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -22,10 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import PATTERNS, ModelConfig, Transformer, diffusion_bound, diffusion_loss, layout_mask
+from model import (PATTERNS, CheckpointError, ModelConfig, Transformer, add_lora, diffusion_bound, diffusion_loss,
+                   layout_mask, load_checkpoint, load_lora, lora_state_dict, merged_state_dict, model_from)
 
 # -----------------------------------------------------------------------------
 # default settings; override with config/x.py files and --key=value
@@ -60,6 +64,11 @@ block_size = 16             # the diffusion block: tokens denoised together (the
 mask_half_life = 0.1        # the paper's lambda for position-dependent masking; None or 0: uniform
 token_shift = False         # True: logits at i-1 predict token i (Dream style; an ablation)
 t_eps = 1e-3                # t ~ U(t_eps, 1)
+# LoRA (0: full training): adapters on every attention and MLP linear, merged into plain weights on save
+lora_rank = 0
+lora_alpha = 32.0
+lora_train_others = True    # embeddings, norms and head trainable (the paper's choice) or frozen
+answers_only = False        # dlm: prompts stay clean, only answers are masked (data/<dataset>/<split>.answers.bin)
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 2000
@@ -69,6 +78,7 @@ beta2 = 0.95
 grad_clip = 1.0             # 0: off
 decay_lr = True
 warmup_iters = 100
+lr_decay_iters = 0          # the cosine reaches min_lr here; 0: max_iters
 min_lr = 1e-4
 # system
 device = "auto"             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -76,6 +86,7 @@ dtype = "auto"              # 'auto' (bfloat16 on CUDA if supported, else float3
 compile = False
 seed = 1337
 backend = "nccl"            # DDP backend on CUDA ('gloo' is used on CPU)
+fsdp = False                # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
 globals().update(configure(defaults, nullable={"mask_half_life"}))
@@ -94,6 +105,10 @@ if device.startswith("cuda") and not torch.cuda.is_available():
     sys.exit("error: device='cuda' but CUDA is not available here; use --device=cpu")
 if dtype == "auto":
     dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+if dtype not in ("float32", "bfloat16", "float16"):
+    sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got '{dtype}'")
+if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+    sys.exit("error: this GPU does not support bfloat16; use --dtype=float16 (or float32)")
 
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -126,14 +141,52 @@ if not os.path.exists(meta_path):
     sys.exit(f"error: {meta_path} not found; run python data/{dataset}/prepare.py first")
 with open(meta_path) as f:
     meta = json.load(f)
+if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
+    sys.exit(f"error: {meta_path} has mask_id {meta.get('mask_id')} outside the vocabulary of {meta['vocab_size']}; "
+             f"a dLM needs a mask token: run the dataset's prepare.py again")
+if master and meta.get("tokenizer") == "tiktoken":  # sample.py finds the tokenizer beside the checkpoint
+    for f in ("tokenizer.tiktoken", "tokenizer.json"):
+        shutil.copy(os.path.join(data_dir, f), os.path.join(out_dir, f))
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} not found; run python data/{dataset}/prepare.py first")
+    try:
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if os.path.getsize(path) else []
+    except ValueError as e:
+        sys.exit(f"error: {path} is not a file of {meta['dtype']} tokens ({e}); run prepare.py again")
+    if len(tokens) < context_len + 2:
+        sys.exit(f"error: {path} has {len(tokens)} tokens, fewer than context_len + 2 = {context_len + 2}; "
+                 f"prepare more data or lower context_len")
+    # one pass over the file, in chunks (by every process: all of them must stop on bad data)
+    top = max(int(tokens[i:i + 2 ** 26].max()) for i in range(0, len(tokens), 2 ** 26))
+    if top >= meta["vocab_size"]:
+        sys.exit(f"error: {path} holds token id {top}, beyond the vocabulary of {meta['vocab_size']} in "
+                 f"{meta_path}; the data and its meta.json do not match: run prepare.py again")
+
+
+use_answers = mode == "dlm" and answers_only
+if use_answers and not os.path.exists(os.path.join(data_dir, "train.answers.bin")):
+    sys.exit(f"error: answers_only=True needs {data_dir}/train.answers.bin (which tokens are answers); "
+             f"data/tasks/prepare.py writes one, or use answers_only=False")
 
 
 def get_batch(split, generator):
+    """(x, maskable): context_len + 1 tokens per row, and which of the first context_len may be
+    masked (None: all of them)."""
     # recreate the memmap every batch: a long-lived np.memmap keeps growing memory
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-    ix = torch.randint(len(data) - context_len - 1, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + context_len + 1].astype(np.int64)) for i in ix.tolist()])
-    return x.to(device, non_blocking=True)
+    ix = torch.randint(len(data) - context_len - 1, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + context_len + 1].astype(np.int64)) for i in ix])
+    if not use_answers:
+        return x.to(device, non_blocking=True), None
+    answers = np.memmap(os.path.join(data_dir, f"{split}.answers.bin"), dtype=np.uint8, mode="r")
+    answer = torch.stack([torch.from_numpy(answers[i:i + context_len] != 0) for i in ix])
+    # when decoding, a block is masked from its first answer token to its end, past the end token
+    # too: so may it be here (a prompt's own tokens stay clean, and the masks do not tell where
+    # an answer ends)
+    maskable = answer.view(batch_size, -1, block_size).cummax(-1).values.view(batch_size, context_len)
+    return x.to(device, non_blocking=True), maskable.to(device, non_blocking=True)
 
 
 # model
@@ -145,36 +198,87 @@ checkpoint = None
 if init_from != "scratch":
     src_dir = out_dir if init_from == "resume" else init_from
     ckpt_path = os.path.join(src_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"error: no checkpoint at {ckpt_path} (init_from='{init_from}'); train that run first")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    model_args = dict(checkpoint["model_args"], context_len=context_len)  # the architecture comes with the weights
+    try:
+        checkpoint = load_checkpoint(ckpt_path, device)
+    except CheckpointError as e:
+        sys.exit(f"error: {e} (init_from='{init_from}')")
+    for key, value in checkpoint["model_args"].items():  # the architecture comes with the weights
+        if key in config and key != "context_len" and config[key] != defaults[key] and config[key] != value:
+            sys.exit(f"error: {key}={config[key]!r} was asked for but {ckpt_path} has {key}={value!r}; "
+                     f"drop the flag (the checkpoint brings its architecture) or train from scratch")
+    model_args = dict(checkpoint["model_args"], context_len=context_len)
     if model_args["vocab_size"] != meta["vocab_size"]:
         sys.exit(f"error: {ckpt_path} has vocab_size {model_args['vocab_size']} but data/{dataset} has "
                  f"{meta['vocab_size']}; use the dataset the checkpoint was trained on")
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "dataset", "seed"):
-            if config[key] != checkpoint["config"][key]:
-                sys.exit(f"error: resuming a run trained with {key}={checkpoint['config'][key]!r} but {key}="
+        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "answers_only", "dataset", "seed",
+                    "lora_rank", "lora_alpha", "lora_train_others"):
+            if config[key] != checkpoint["config"].get(key, defaults[key]):
+                sys.exit(f"error: resuming a run trained with {key}={checkpoint['config'].get(key, defaults[key])!r} but {key}="
                          f"{config[key]!r} was given; resume with the run's own config file")
         config["init_from"] = checkpoint["config"]["init_from"]  # keep the record of the source run
     else:
         config["init_from"] = os.path.abspath(src_dir)  # the source run, e.g. the AR baseline of a conversion
-model = Transformer(ModelConfig(**model_args))
-if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
+try:
+    model = Transformer(ModelConfig(**model_args)) if checkpoint is None else model_from(checkpoint, ckpt_path, **model_args)
+except CheckpointError as e:
+    sys.exit(f"error: {e}")
+if lora_rank:
+    add_lora(model, lora_rank, lora_alpha, lora_train_others)
+    if init_from == "resume":
+        load_lora(model, checkpoint["model"], checkpoint.get("lora", {}))
 model.to(device)
 if master:
-    print(f"{model.num_params() / 1e6:.2f}M parameters, mode={mode}" + (f", attention={attention}, block_size={block_size}" if mode == "dlm" else ""))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), mode={mode}"
+          + (f", attention={attention}, block_size={block_size}" if mode == "dlm" else ""))
+    # what the run will hold besides activations: weights, gradients and AdamW's two moments (fp32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = lambda n: f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+    print(f"memory before activations, per process: weights {size(weights)} + gradients {size(n_train * 4)} "
+          f"+ AdamW moments {size(n_train * 8)}")
+
+if fsdp:  # FSDP2: each process keeps 1/world_size of every layer's parameters, gradients and optimizer state
+    if not ddp:
+        sys.exit("error: fsdp=True shards over several processes: run under torchrun")
+    if lora_rank:
+        sys.exit("error: lora_rank with fsdp=True is not supported: LoRA's optimizer state is small, use DDP (fsdp=False)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type, (world_size,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 # the optimizer: weight decay on matrices only, not on norms and biases
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+# optimizer state is saved keyed by parameter name, gathered whole: the same file for 1 process, DDP or FSDP
+full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+param_names = [name for group in optimizer.param_groups for p in group["params"]
+               for name in [next(n for n, q in model.named_parameters() if q is p)]]
+
+
+def optimizer_state():
+    if fsdp:  # a collective: every process gathers, the master saves
+        return get_optimizer_state_dict(raw_model, optimizer, options=full)
+    sd = optimizer.state_dict()  # keyed by position: re-key by name
+    return dict(state={param_names[i]: v for i, v in sd["state"].items()},
+                param_groups=[dict(g, params=[param_names[i] for i in g["params"]]) for g in sd["param_groups"]])
+
+
 if init_from == "resume":
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if fsdp:
+        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=full)
+    else:
+        index = {n: i for i, n in enumerate(param_names)}
+        sd = checkpoint["optimizer"]
+        optimizer.load_state_dict(dict(state={index[n]: v for n, v in sd["state"].items()},
+                                       param_groups=[dict(g, params=[index[n] for n in g["params"]])
+                                                     for g in sd["param_groups"]]))
 checkpoint = None  # free memory
 
 raw_model = model
@@ -183,8 +287,10 @@ if compile:
     model = torch.compile(model)
 # the DDP wrapper is for training steps only: eval runs on the master alone, and a DDP forward
 # there would wait for the other processes. (The rotary tables are constant: no buffer syncs.)
+# Under FSDP every forward needs every process: all of them evaluate.
 train_model = model
-if ddp:
+evaluates = master or fsdp
+if ddp and not fsdp:
     train_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
                       broadcast_buffers=False)
 
@@ -195,7 +301,8 @@ pattern = "causal" if mode == "ar" else attention
 mask = layout_mask(pattern, block_size, context_len, device, flex=flex)
 
 
-def compute_loss(model, x, generator, eval_bound=False):
+def compute_loss(model, batch, generator, eval_bound=False):
+    x, maskable = batch
     if mode == "ar":
         logits = model(x[:, :-1], torch.arange(context_len, device=x.device), mask)
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
@@ -203,7 +310,7 @@ def compute_loss(model, x, generator, eval_bound=False):
     if eval_bound:
         return diffusion_bound(model, x_0, mask, attention, block_size, meta["mask_id"], token_shift, generator)
     return diffusion_loss(model, x_0, mask, attention, block_size, meta["mask_id"], mask_half_life, t_eps,
-                          token_shift, generator)
+                          token_shift, generator, maskable)
 
 
 @torch.no_grad()
@@ -217,9 +324,8 @@ def estimate_loss():
         device_gen = gen if device_type == "cpu" else torch.Generator(device).manual_seed(seed)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            x = get_batch(split, gen)
             with ctx:
-                losses[k] = compute_loss(model, x, device_gen, eval_bound=True).item()
+                losses[k] = compute_loss(model, get_batch(split, gen), device_gen, eval_bound=True).item()
         out[split] = losses.mean().item()
     model.train()
     return out
@@ -230,45 +336,59 @@ def get_lr(it):
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    ratio = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    ratio = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
 def save_checkpoint():
-    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta)
+    """Called by every process that evaluates; under FSDP all of them gather the full state, the
+    master writes it."""
+    # LoRA runs are saved merged (a plain model for sample.py and init_from) with their adapters beside
+    model_state = get_model_state_dict(raw_model, options=full) if fsdp else merged_state_dict(raw_model)
+    optim_state = optimizer_state()
+    if not master:
+        return
+    ckpt = dict(model=model_state, optimizer=optim_state, model_args=model_args,
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta,
+                **(dict(lora=lora_state_dict(raw_model)) if lora_rank else {}))
     path = os.path.join(out_dir, "ckpt.pt")
     # write a temporary file and rename it over the old one: a crash mid-save keeps the old checkpoint
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # e.g. a full disk: keep the previous checkpoint, drop the partial one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sys.exit(f"error: could not save {path} at iteration {iter_num} ({e}); the previous checkpoint is "
+                 f"kept: free space and continue with --init_from=resume")
 
 
-def generators(it):
-    """The random draws of iteration `it` (batches, then masks) come from generators seeded by
-    (seed, rank, it): a resumed run draws exactly what the uninterrupted run would have."""
-    g = torch.Generator().manual_seed(seed + 1000 * rank + 1_000_003 * (it + 1))
-    if device_type == "cpu":
-        return g, g
-    return g, torch.Generator(device).manual_seed(seed + 1000 * rank + 1_000_003 * (it + 1))
+def generators(it, micro_step):
+    """The batch and the masks of one micro-batch come from generators seeded by the iteration
+    and the micro-batch's place in the global batch (rank, then micro-step): a resumed run draws
+    exactly what the uninterrupted one would have, and N processes draw what one process with N
+    times the accumulation steps draws."""
+    base = seed + 1_000_003 * (it + 1) + 1009 * (rank * gradient_accumulation_steps + micro_step)
+    return torch.Generator().manual_seed(base), torch.Generator(device).manual_seed(base + 500)
 
 
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-batch_gen, mask_gen = generators(iter_num)
-x = get_batch("train", batch_gen)
+batch = get_batch("train", generators(iter_num, 0)[0])
 t0 = time.time()
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and master:
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and evaluates:
         losses = estimate_loss()
         what = "loss" if mode == "ar" else "any-order bound"
-        print(f"step {iter_num}: train {what} {losses['train']:.4f}, val {what} {losses['val']:.4f}")
+        if master:
+            print(f"step {iter_num}: train {what} {losses['train']:.4f}, val {what} {losses['val']:.4f}")
         if not math.isfinite(losses["val"]):
             sys.exit(f"error: val loss is {losses['val']} at iteration {iter_num}; not saving. "
                      f"Lower learning_rate or check the data; the last good checkpoint is kept")
@@ -276,37 +396,44 @@ while True:
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0:
                 save_checkpoint()
-                print(f"saved checkpoint to {out_dir}")
+                if master:
+                    print(f"saved checkpoint to {out_dir}")
     if iter_num >= max_iters or eval_only:
         break
 
+    step_loss = torch.zeros((), device=device)  # the mean loss of this step's micro-batches
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # only synchronise gradients on the last micro-step
-            train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            last = micro_step == gradient_accumulation_steps - 1
+            train_model.set_requires_gradient_sync(last) if fsdp else setattr(train_model, "require_backward_grad_sync", last)
         with ctx:
-            loss = compute_loss(train_model, x, mask_gen) / gradient_accumulation_steps
-        if micro_step == gradient_accumulation_steps - 1:
-            batch_gen, next_mask_gen = generators(iter_num + 1)
-        x = get_batch("train", batch_gen)  # fetch the next batch while the GPU works
+            loss = compute_loss(train_model, batch, generators(iter_num, micro_step)[1]) / gradient_accumulation_steps
+        last = micro_step == gradient_accumulation_steps - 1
+        # fetch the next micro-batch while the GPU works
+        batch = get_batch("train", generators(iter_num + 1, 0)[0] if last else generators(iter_num, micro_step + 1)[0])
         scaler.scale(loss).backward()
+        step_loss += loss.detach()
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    mask_gen = next_mask_gen
 
     iter_num += 1
-    if iter_num % log_interval == 0 and master:
-        dt = (time.time() - t0) / log_interval
-        t0 = time.time()
-        lossf = loss.item() * gradient_accumulation_steps  # a host sync, so only every log_interval
+    if iter_num % log_interval == 0:
+        if ddp:  # the mean over every process's micro-batches
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= world_size
+        lossf = step_loss.item()  # a host sync, so only every log_interval
         if not math.isfinite(lossf):
             sys.exit(f"error: loss is {lossf} at iteration {iter_num}; stopping without saving. "
                      f"Lower learning_rate; the last good checkpoint is kept")
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-              f"{tokens_per_iter / dt:,.0f} tok/s")
+        dt = (time.time() - t0) / log_interval
+        t0 = time.time()
+        if master:
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s")
 
 if ddp:
     destroy_process_group()

@@ -13,7 +13,8 @@ off. Each problem is one line `<task> <input>=<answer>` followed by the end toke
 
 Strings are of distinct letters, so that a letter can be looked up where it stood.
 
-Writes train.bin / val.bin (a stream of training problems), test.jsonl (held-out prompts and
+Writes train.bin / val.bin (a stream of training problems), train.answers.bin / val.answers.bin
+(one byte per token: 1 where it belongs to an answer, for train.py --answers_only), test.jsonl (held-out prompts and
 answers, none of them seen in training) and meta.json (vocabulary, mask and end ids, dtype).
 
     python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100]
@@ -101,9 +102,13 @@ def main():
     def tokens(qs):
         return np.array([i for _, p, a in qs for i in [stoi[c] for c in p + a] + [end_id]], dtype=dtype)
 
+    def answers(qs):  # 1 where a token is part of an answer (its end token included)
+        return np.array([m for _, p, a in qs for m in [0] * len(p) + [1] * (len(a) + 1)], dtype=np.uint8)
+
     os.makedirs(args.out_dir, exist_ok=True)
-    tokens(train).tofile(os.path.join(args.out_dir, "train.bin"))
-    tokens(val).tofile(os.path.join(args.out_dir, "val.bin"))
+    for split, qs in [("train", train), ("val", val)]:
+        tokens(qs).tofile(os.path.join(args.out_dir, f"{split}.bin"))
+        answers(qs).tofile(os.path.join(args.out_dir, f"{split}.answers.bin"))
     with open(os.path.join(args.out_dir, "test.jsonl"), "w") as f:
         for task, prompt, answer in test:
             f.write(json.dumps(dict(task=task, prompt=prompt, answer=answer)) + "\n")
