@@ -615,6 +615,12 @@ def test_failed_save_keeps_the_previous_checkpoint(workdir, ar_run):
     assert r.returncode != 0 and "could not save" in r.stderr and "Traceback" not in r.stderr
     assert (workdir / "out-full" / "ckpt.pt").read_bytes() == before
     assert not (workdir / "out-full" / "ckpt.pt.tmp").exists()
+    # a crash after the temporary file was written, before the rename: the run resumes from ckpt.pt
+    (workdir / "out-full" / "ckpt.pt.tmp").write_bytes(before[:len(before) // 3])
+    code, out, err = run("train.py", *TINY, "--out_dir=out-full", "--init_from=resume", "--max_iters=5",
+                         "--eval_interval=5", cwd=workdir)
+    assert code == 0, err
+    assert torch.load(workdir / "out-full" / "ckpt.pt", weights_only=True)["iter_num"] == 5
 
 
 def test_unsafe_checkpoint_is_refused(workdir):
