@@ -5,6 +5,8 @@ the median of `repeats` timed runs, generated tokens only (never the prompt).
     python bench.py --out_dir=out-tasks-dlm                 # task demo: accuracy, TPF, tokens/s
     python bench.py --out_dir=out-shakespeare-char-dlm      # text: gen-PPL, entropy, val loss vs bound
     python bench.py --out_dir=out-tasks-dlm --mode=train    # a training step: AR vs dLM, MFU
+    python bench.py --out_dir=out-tasks-dlm --mode=forward --shape=qwen3-0.6b --device=cuda --compile=True
+                                                            # a block forward over a token forward
     python bench.py --out_dir=out-tasks-dlm --compare_hf=True   # our AR decoding vs transformers' generate
 
 The AR baseline is the run the dLM was initialised from (recorded in its checkpoint), or --ar_dir.
@@ -36,7 +38,7 @@ from model import (CheckpointError, ModelConfig, Transformer, diffusion_bound, f
 # -----------------------------------------------------------------------------
 out_dir = "out-tasks-dlm"
 ar_dir = ""                         # the AR baseline; default: the run the dLM was initialised from
-mode = "decode"                     # 'decode' or 'train'
+mode = "decode"                     # 'decode', 'train' or 'forward'
 thresholds = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
 batch_sizes = (1, 8)
 block_size = 0                      # decode block; 0: the training block size
@@ -52,6 +54,11 @@ max_new_tokens = 256
 n_samples = 8                       # samples per row for gen-PPL and entropy
 temperature = 1.0                   # of those samples (the timed runs are greedy)
 val_batches = 10                    # val windows: val_batches x 16
+# forward mode: one block forward against a KV cache over one single-token forward, batch 1
+shape = ""                          # 'qwen3-0.6b': a random model of that shape; '': the checkpoint's shape
+cache_len = 512
+forward_block = 32
+compile = False                     # torch.compile the forwards (mode='reduce-overhead', CUDA graphs, on CUDA)
 # train mode
 train_batch = 16
 train_steps = 5
@@ -310,6 +317,55 @@ def bench_train(model_args, dlm_config, meta):
     return dict(train=rows)
 
 
+QWEN3_0_6B = dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128,
+                  intermediate_size=3072, rope_theta=1e6, qk_norm=True, tie_embeddings=True)
+
+
+@torch.no_grad()
+def bench_forward(model_args):
+    """Milliseconds of one single-token forward and of one `forward_block`-token block forward
+    (bidirectional inside the block), each against a KV cache holding `cache_len` tokens, batch
+    1: on a GPU both read all the weights, so their ratio is what a dLM pays per forward."""
+    cuda = device.startswith("cuda")
+    args = dict(model_args, **(QWEN3_0_6B if shape == "qwen3-0.6b" else {}), context_len=cache_len + forward_block)
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = Transformer(ModelConfig(**args)).to(device, dtype).eval()
+    model.setup_cache(1)
+    from model import attention_rule, dense_mask
+    keys = torch.arange(args["context_len"], device=device)
+    ids = torch.randint(0, args["vocab_size"], (1, args["context_len"]), device=device)
+    causal = attention_rule("causal", 1)
+    model(ids[:, :cache_len], keys[:cache_len], dense_mask(causal, keys[:cache_len], keys) & (keys < cache_len)[None])
+    fwd = torch.compile(model, mode="reduce-overhead" if cuda else "default") if compile else model
+    rows = {}
+    for name, T, rule in (("token", 1, causal), ("block", forward_block, attention_rule("block_noisy", forward_block))):
+        pos = keys[cache_len:cache_len + T]
+        mask = dense_mask(rule, pos, keys) & (keys < cache_len + T)[None]  # block_noisy: the block sees itself and the cache
+        x = ids[:, cache_len:cache_len + T]
+        step = lambda: fwd(x, pos, mask, start=cache_len, logits_slice=slice(-T, None))
+        for _ in range(5 if compile else 2):  # warm-up (and compilation, CUDA graph capture)
+            step()
+        times = []
+        for _ in range(20):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                step()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(1000 * (time.perf_counter() - t0))
+        rows[name] = statistics.median(times)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{n / 1e6:.0f}M parameters ({dtype}), cache {cache_len} tokens, batch 1, compile={compile}: one token "
+          f"{rows['token']:.3f} ms, a block of {forward_block} {rows['block']:.3f} ms, ratio {rows['block'] / rows['token']:.2f}")
+    return dict(forward=dict(token_ms=round(rows["token"], 4), block_ms=round(rows["block"], 4), block_size=forward_block,
+                             cache_len=cache_len, ratio=round(rows["block"] / rows["token"], 3), compile=compile))
+
+
 def bench_hf(ar_model, meta):
     """Our AR decoding (KV cache, greedy) against transformers' generate on the same weights, in
     a Qwen3-shaped copy of the AR model (q/k norm on; the weights random but shared)."""
@@ -363,8 +419,8 @@ if __name__ == "__main__":
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
                 and isinstance(v, (int, float, bool, str, tuple))}
     globals().update(configure(defaults))
-    if mode not in ("decode", "train"):
-        sys.exit(f"error: mode must be 'decode' or 'train', got '{mode}'")
+    if mode not in ("decode", "train", "forward"):
+        sys.exit(f"error: mode must be 'decode', 'train' or 'forward', got '{mode}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: device='cuda' but CUDA is not available here; use --device=cpu")
     if not all(0 < th <= 1 for th in thresholds):
@@ -380,6 +436,8 @@ if __name__ == "__main__":
     try:
         if mode == "train":
             result = bench_train(dict(vars(dlm_model.config)), dlm_config, meta)
+        elif mode == "forward":
+            result = bench_forward(dict(vars(dlm_model.config)))
         else:
             result = bench_decode(ar_model, dlm_model, dlm_config, meta)
     except FileNotFoundError as e:

@@ -452,6 +452,13 @@ def test_bench_script_on_text(workdir):
     assert rows["dlm", 0.5, True, 1]["forward_passes"] <= 16 and rows["ar", None, True, 2]["speedup_vs_ar"] == 1.0
     assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 for r in rows.values())
     assert result["val"]["ar_loss"] > 0 and result["val"]["dlm_bound"] > 0
+    code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=train", "--train_steps=1", cwd=workdir)
+    assert code == 0, err
+    assert [(r["mode"], r["attention"]) for r in last_json(out)["train"]] == [("ar", "dense"), ("dlm", "dense")]
+    code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=forward", "--cache_len=16",
+                         "--forward_block=8", cwd=workdir)
+    assert code == 0, err
+    assert last_json(out)["forward"]["block_ms"] > 0
 
 
 def test_gen_quality_by_hand():

@@ -258,27 +258,27 @@ optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
 # optimizer state is saved keyed by parameter name, gathered whole: the same file for 1 process, DDP or FSDP
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-param_names = [name for group in optimizer.param_groups for p in group["params"]
-               for name in [next(n for n, q in model.named_parameters() if q is p)]]
+names = {id(p): n for n, p in model.named_parameters()}
+param_names = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def rekey(sd, key):
+    """An optimizer state dict with its parameters renamed by key (position <-> name)."""
+    return dict(state={key[k]: v for k, v in sd["state"].items()},
+                param_groups=[dict(g, params=[key[k] for k in g["params"]]) for g in sd["param_groups"]])
 
 
 def optimizer_state():
     if fsdp:  # a collective: every process gathers, the master saves
         return get_optimizer_state_dict(raw_model, optimizer, options=full)
-    sd = optimizer.state_dict()  # keyed by position: re-key by name
-    return dict(state={param_names[i]: v for i, v in sd["state"].items()},
-                param_groups=[dict(g, params=[param_names[i] for i in g["params"]]) for g in sd["param_groups"]])
+    return rekey(optimizer.state_dict(), param_names)
 
 
 if init_from == "resume":
     if fsdp:
         set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=full)
     else:
-        index = {n: i for i, n in enumerate(param_names)}
-        sd = checkpoint["optimizer"]
-        optimizer.load_state_dict(dict(state={index[n]: v for n, v in sd["state"].items()},
-                                       param_groups=[dict(g, params=[index[n] for n in g["params"]])
-                                                     for g in sd["param_groups"]]))
+        optimizer.load_state_dict(rekey(checkpoint["optimizer"], {n: i for i, n in enumerate(param_names)}))
 checkpoint = None  # free memory
 
 raw_model = model
@@ -403,12 +403,13 @@ while True:
 
     step_loss = torch.zeros((), device=device)  # the mean loss of this step's micro-batches
     for micro_step in range(gradient_accumulation_steps):
-        if ddp:  # only synchronise gradients on the last micro-step
-            last = micro_step == gradient_accumulation_steps - 1
-            train_model.set_requires_gradient_sync(last) if fsdp else setattr(train_model, "require_backward_grad_sync", last)
+        last = micro_step == gradient_accumulation_steps - 1
+        if fsdp:  # only synchronise gradients on the last micro-step
+            train_model.set_requires_gradient_sync(last)
+        elif ddp:
+            train_model.require_backward_grad_sync = last
         with ctx:
             loss = compute_loss(train_model, batch, generators(iter_num, micro_step)[1]) / gradient_accumulation_steps
-        last = micro_step == gradient_accumulation_steps - 1
         # fetch the next micro-batch while the GPU works
         batch = get_batch("train", generators(iter_num + 1, 0)[0] if last else generators(iter_num, micro_step + 1)[0])
         scaler.scale(loss).backward()
@@ -436,4 +437,5 @@ while True:
                   f"{tokens_per_iter / dt:,.0f} tok/s")
 
 if ddp:
+    torch.distributed.barrier()  # the others wait for the master's last save before the group goes
     destroy_process_group()
