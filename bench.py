@@ -181,7 +181,6 @@ def bench_decode(ar_model, dlm_model, dlm_config, meta):
     dlm = dlm_config["mode"] == "dlm"
     block = block_size or dlm_config["block_size"]
     tasks_mode = os.path.exists(os.path.join("data", dlm_config["dataset"], "test.jsonl"))
-    stoi = {c: i for i, c in enumerate(meta["itos"])}
     g = torch.Generator(device)
 
     def make(th, temp=0.0, fuse=True):
@@ -195,6 +194,7 @@ def bench_decode(ar_model, dlm_model, dlm_config, meta):
     rows = []
     if tasks_mode:
         problems = load_problems(dlm_config["dataset"], n_test)
+        stoi = {c: i for i, c in enumerate(meta["itos"])}
         tasks = list(dict.fromkeys(p["task"] for p in problems))
         timed_prompts = [[stoi[c] for c in p["prompt"]] for t in tasks
                          for p in [q for q in problems if q["task"] == t][:n_timed]]
@@ -214,7 +214,11 @@ def bench_decode(ar_model, dlm_model, dlm_config, meta):
             print(f"{name:22}" + "".join(f"{q['per_task'][t]:7.1f}" for t in tasks) + f"{q['accuracy']:7.1f}" +
                   "".join(f"{q['per_task_tokens_per_forward'][t]:7.2f}" for t in tasks) + f"{q['tokens_per_forward']:7.2f}")
     else:
-        prompt = [stoi[c] for c in start]
+        if meta.get("tokenizer") == "tiktoken":  # a converted Qwen model: its tokenizer lies beside the checkpoint
+            from convert_qwen import load_tokenizer
+            prompt = load_tokenizer(out_dir).encode(start)
+        else:
+            prompt = [{c: i for i, c in enumerate(meta["itos"])}[c] for c in start]
         timed_prompts, max_new = [prompt] * max(batch_sizes), max_new_tokens
         print(f"prompt {start!r}, {max_new} new tokens; timed: median of {repeats}; block {block}")
         quality = {}

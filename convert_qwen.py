@@ -269,6 +269,8 @@ def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len
     if mask_token not in special:
         raise ConversionError(f"mask_token {mask_token!r} is not a special token of this tokenizer; "
                               f"pick one of {sorted(special)[:12]}")
+    if "<|endoftext|>" not in special:
+        raise ConversionError("the tokenizer has no <|endoftext|> token to separate documents with")
     ids = {t: special[t] for t in END_TOKENS if t in special}
     top = max(list(special.values()) + [len(ranks) - 1])
     if top >= args["vocab_size"]:

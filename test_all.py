@@ -942,7 +942,7 @@ def test_qwen_convert_prepare_train_sample(tmp_path):
     hf = tiny_hf_model("qwen3", torch.float32)
     hf.save_pretrained(tmp_path / "hf")
     hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
-    for f in ("train.py", "sample.py", "model.py", "configurator.py", "convert_qwen.py"):
+    for f in ("train.py", "sample.py", "model.py", "configurator.py", "convert_qwen.py", "bench.py"):
         os.symlink(os.path.join(HERE, f), tmp_path / f)
     os.makedirs(tmp_path / "data" / "text")
     os.symlink(os.path.join(HERE, "data", "text", "prepare.py"), tmp_path / "data" / "text" / "prepare.py")
@@ -959,6 +959,8 @@ def test_qwen_convert_prepare_train_sample(tmp_path):
               "--context_len=32", "--batch_size=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--device=cpu",
               "--lora_rank=4"],
              ["sample.py", "--out_dir=out-qwen-lora", "--start=Hello", "--max_new_tokens=8"],
+             ["bench.py", "--out_dir=out-qwen-dlm", "--thresholds=(0.9,)", "--batch_sizes=(1,)", "--max_new_tokens=8",
+              "--n_samples=2", "--repeats=1", "--val_batches=1", "--unfused=0", "--start=Hello", "--device=cpu"],
              ["sample.py", "--out_dir=out-qwen", "--start=Hello", "--max_new_tokens=8"]]
     for argv in steps:
         code, out, err = run(*argv, cwd=tmp_path)
