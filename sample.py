@@ -69,7 +69,7 @@ if meta.get("tokenizer") == "tiktoken":  # a converted Qwen model: its tokenizer
     if chat:
         start = f"<|im_start|>user\n{start}<|im_end|>\n<|im_start|>assistant\n"
     prompt = tokenizer.encode(start, allow_special=chat)
-    decode, end_id = tokenizer.decode, meta["end_ids"]
+    decode, end_ids = tokenizer.decode, meta["end_ids"]
     piece = lambda t: tokenizer.decode([t])
 else:  # the character vocabulary travels in the checkpoint
     if chat:
@@ -80,7 +80,8 @@ else:  # the character vocabulary travels in the checkpoint
     if unknown:
         sys.exit(f"error: the prompt has characters outside the vocabulary: {''.join(unknown)!r}")
     prompt = [stoi[c] for c in start]
-    decode, end_id = (lambda ts: "".join(itos[t] for t in ts)), meta["end_id"]
+    decode = lambda ts: "".join(itos[t] for t in ts)
+    end_ids = None if meta.get("end_id") is None else [meta["end_id"]]
     piece = lambda t: itos[t]
 if not prompt:
     sys.exit("error: the prompt is empty; pass --start=TEXT")
@@ -104,7 +105,7 @@ if dlm:
 
     def show(s, tokens, committed):
         forwards[0] += 1
-        shown = {meta["mask_id"]: "_", **{e: "$" for e in (end_id if isinstance(end_id, list) else [end_id])}}
+        shown = {meta["mask_id"]: "_", **{e: "$" for e in end_ids or []}}
         text = "".join(shown.get(t, piece(t).replace("\n", "⏎")) for t in tokens[0].tolist())
         marks = "".join("^" if c else " " for c in committed[0].tolist())
         head = f"forward {forwards[0]:3d}  positions {s:3d}-{s + block - 1:3d}  |"
@@ -112,10 +113,10 @@ if dlm:
         print(" " * len(head) + marks)
 
     outs, stats = generate_block(model, prompts, max_new_tokens, block, meta["mask_id"], threshold,
-                                 temperature, top_k or None, end_id, train_config["attention"],
+                                 temperature, top_k or None, end_ids, train_config["attention"],
                                  kv, train_config["token_shift"], fuse_commit, generator, show if show_steps else None)
 else:
-    outs, stats = generate_ar(model, prompts, max_new_tokens, temperature, top_k or None, end_id,
+    outs, stats = generate_ar(model, prompts, max_new_tokens, temperature, top_k or None, end_ids,
                               kv_cache, generator)
 if device.startswith("cuda"):
     torch.cuda.synchronize()

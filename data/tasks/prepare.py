@@ -14,8 +14,9 @@ off. Each problem is one line `<task> <input>=<answer>` followed by the end toke
 Strings are of distinct letters, so that a letter can be looked up where it stood.
 
 Writes train.bin / val.bin (a stream of training problems), train.answers.bin / val.answers.bin
-(one byte per token: 1 where it belongs to an answer, for train.py --answers_only), test.jsonl (held-out prompts and
-answers, none of them seen in training) and meta.json (vocabulary, mask and end ids, dtype).
+(a byte per token: 1 where it belongs to an answer, for train.py --answers_only), test.jsonl
+(held-out prompts and answers, none of them seen in training) and meta.json (vocabulary, mask
+and end ids, dtype).
 
     python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100]
 """
