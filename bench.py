@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure
-from model import (CheckpointError, ModelConfig, Transformer, diffusion_bound, from_checkpoint, generate_ar,
-                   generate_block, layout_mask)
+from convert_qwen import hf_name, load_tokenizer
+from model import (CheckpointError, ModelConfig, Transformer, attention_rule, dense_mask, diffusion_bound, diffusion_loss,
+                   from_checkpoint, generate_ar, generate_block, layout_mask)
 
 # -----------------------------------------------------------------------------
 out_dir = "out-tasks-dlm"
@@ -215,7 +216,6 @@ def bench_decode(ar_model, dlm_model, dlm_config, meta):
                   "".join(f"{q['per_task_tokens_per_forward'][t]:7.2f}" for t in tasks) + f"{q['tokens_per_forward']:7.2f}")
     else:
         if meta.get("tokenizer") == "tiktoken":  # a converted Qwen model: its tokenizer lies beside the checkpoint
-            from convert_qwen import load_tokenizer
             prompt = load_tokenizer(out_dir).encode(start)
         else:
             prompt = [{c: i for i, c in enumerate(meta["itos"])}[c] for c in start]
@@ -271,7 +271,6 @@ def train_flops(cfg, L, pattern, block):
 def bench_train(model_args, dlm_config, meta):
     """Tokens/s and MFU of a training step, AR (causal) against dLM (the 2L block layout), dense
     mask against FlexAttention (CUDA), on random tokens."""
-    from model import diffusion_loss
     cuda = device.startswith("cuda")
     cfg = ModelConfig(**model_args)
     L, B = cfg.context_len, dlm_config["block_size"]
@@ -335,7 +334,6 @@ def bench_forward(model_args):
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     model = Transformer(ModelConfig(**args)).to(device, dtype).eval()
     model.setup_cache(1)
-    from model import attention_rule, dense_mask
     keys = torch.arange(args["context_len"], device=device)
     ids = torch.randint(0, args["vocab_size"], (1, args["context_len"]), device=device)
     causal = attention_rule("causal", 1)
@@ -384,7 +382,7 @@ def bench_hf(ar_model, meta):
         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
         head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, max_position_embeddings=c.context_len,
         tie_word_embeddings=c.tie_embeddings, attention_bias=False)).to(device).eval()
-    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in ours.state_dict().items()}
+    state = {hf_name(k): v for k, v in ours.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     prompt = [1, 2, 3, 4]

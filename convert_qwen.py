@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from model import ModelConfig, Transformer
+
 # -----------------------------------------------------------------------------
 hf_dir = ""
 out_dir = ""
@@ -149,7 +151,6 @@ def hf_name(name):
 
 def convert_weights(hf_tensors, model_args, dtype=None):
     """Our state dict from Hugging Face tensors; the names and shapes must match exactly."""
-    from model import ModelConfig, Transformer
     with torch.device("meta"):  # the shapes only, no memory
         expected = {k: v.shape for k, v in Transformer(ModelConfig(**model_args)).state_dict().items()}
     tied = model_args["tie_embeddings"]

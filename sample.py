@@ -15,6 +15,7 @@ import time
 import torch
 
 from configurator import configure
+from convert_qwen import load_tokenizer
 from model import CheckpointError, from_checkpoint, generate_ar, generate_block
 
 # -----------------------------------------------------------------------------
@@ -61,7 +62,6 @@ if start.startswith("FILE:"):
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
 if meta.get("tokenizer") == "tiktoken":  # a converted Qwen model: its tokenizer lies beside the checkpoint
-    from convert_qwen import load_tokenizer
     try:
         tokenizer = load_tokenizer(out_dir)
     except FileNotFoundError as e:

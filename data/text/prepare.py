@@ -57,9 +57,9 @@ def main():
     except (FileNotFoundError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
-    docs = [tokenizer.encode(d) + [meta["end_id"]] for d in tqdm(documents(args.input, args.text_field),
-                                                                  desc="tokenising", unit=" docs")]
-    tokens = np.fromiter((t for d in docs for t in d), dtype=np.uint32)
+    docs = [np.array(tokenizer.encode(d) + [meta["end_id"]], dtype=np.uint32)  # 4 bytes a token, not a Python int
+            for d in tqdm(documents(args.input, args.text_field), desc="tokenising", unit=" docs")]
+    tokens = np.concatenate(docs)
     n_val = max(1, round(len(tokens) * args.val_fraction))  # the last tokens, as nanoGPT splits its text
     splits = dict(train=tokens[:len(tokens) - n_val], val=tokens[len(tokens) - n_val:])
     os.makedirs(args.out_dir, exist_ok=True)
