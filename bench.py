@@ -91,13 +91,14 @@ def load_problems(dataset, n=0):
 
 def decoder(model, meta, dlm, threshold=1.0, block=16, pattern="block", token_shift=False, fuse_commit=True,
             temperature=0.0, generator=None):
-    """decode(prompts, max_new_tokens) -> (outputs, stats), with the KV cache."""
+    """decode(prompts, max_new_tokens) -> (outputs, stats), with the KV cache, except for
+    bidirectional attention, which has no exact cache: it recomputes the sequence every forward."""
     end = meta.get("end_id")
     if not dlm:
         return lambda prompts, n: generate_ar(model, prompts, n, temperature, end_id=end, generator=generator)
     return lambda prompts, n: generate_block(model, prompts, n, block, meta["mask_id"], threshold, temperature,
-                                             end_id=end, pattern=pattern, token_shift=token_shift,
-                                             fuse_commit=fuse_commit, generator=generator)
+                                             end_id=end, pattern=pattern, kv_cache=pattern != "bidirectional",
+                                             token_shift=token_shift, fuse_commit=fuse_commit, generator=generator)
 
 
 def evaluate(decode, problems, meta, batch_size=100):
@@ -160,7 +161,8 @@ def gen_quality(ar_model, prompt, outs):
 @torch.no_grad()
 def val_row(ar_model, dlm_model, dlm_config, meta):
     """AR next-token val loss and the dLM's any-order bound (nats per token) on the same windows."""
-    L, B = dlm_config["context_len"], dlm_config["block_size"]
+    B = dlm_config["block_size"]
+    L = min(dlm_config["context_len"], ar_model.config.context_len) // B * B  # windows both models can read
     path = os.path.join("data", dlm_config["dataset"], "val.bin")
     data = np.memmap(path, dtype=meta["dtype"], mode="r")
     starts = np.linspace(0, len(data) - L - 2, val_batches * 16).astype(np.int64)

@@ -18,7 +18,7 @@ Writes train.bin / val.bin (a stream of training problems), train.answers.bin / 
 (held-out prompts and answers, none of them seen in training) and meta.json (vocabulary, mask
 and end ids, dtype).
 
-    python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100]
+    python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100] [--weights=rev=1,...]
 """
 
 import argparse
@@ -82,8 +82,15 @@ def main():
     p.add_argument("--n_train", type=int, default=40000, help="training problems per task (times its weight)")
     p.add_argument("--n_val", type=int, default=1000, help="validation problems per task")
     p.add_argument("--n_test", type=int, default=100, help="test problems per task")
+    p.add_argument("--weights", default=",".join(f"{k}={v}" for k, v in WEIGHTS.items()),
+                   help="training problems of each task per round, e.g. rev=2,dup=2,sort=2,add=1,chain=1")
     p.add_argument("--out_dir", default=here)
     args = p.parse_args()
+    try:
+        weights = {k: int(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
+        assert set(weights) <= set(TASKS) and all(v >= 0 for v in weights.values())
+    except (ValueError, AssertionError):
+        p.error(f"--weights must be task=count pairs over {', '.join(TASKS)}, got {args.weights!r}")
 
     # test problems first; no training or validation problem may have a test prompt
     test, seen = [], set()
@@ -91,7 +98,7 @@ def main():
         if prompt not in seen and sum(t == task for t, _, _ in test) < args.n_test:
             test.append((task, prompt, answer))
             seen.add(prompt)
-    train = [q for q in problems(args.seed, args.n_train, WEIGHTS) if q[1] not in seen]
+    train = [q for q in problems(args.seed, args.n_train, weights) if q[1] not in seen]
     val = [q for q in problems(args.seed + 2, args.n_val) if q[1] not in seen]
 
     chars = sorted(set("".join(p + a for _, p, a in train + test + val)))

@@ -1,0 +1,188 @@
+"""
+The paper's ablations in miniature (method.md section 7), on the task demo: every config in
+config/ablate/ is one conversion of the same AR run (out-tasks-ar), with the same iterations,
+learning-rate schedule and seeds, that differs from config/ablate/reference.py in one thing.
+
+    python ablate.py                              # train what is missing, score every run, print the table
+    python ablate.py --only=mask_,reference      # the variants whose names start with these
+    python ablate.py --seeds=1337,1338,1339
+
+Each (variant, seed) trains into out-ablate/<variant>-s<seed>; a run whose checkpoint is there
+at its last iteration is not trained again, so an interrupted sweep continues where it stopped.
+Scores: the any-order val bound (nats per token, method.md section 5) and, on the held-out test
+prompts, the average exact-match accuracy and tokens per forward over the answers at each
+threshold, decoded at the run's own block size (block-size runs also at block 16). Bidirectional
+runs have no exact KV cache: they recompute the whole sequence at every forward, and the
+`decode s` column (all test prompts at threshold 0.9) shows what that costs. Each comparison is
+judged on the accuracy at threshold 0.9: "within noise" when the gap is no larger than the
+spread between seeds, else "reproduced" or "not reproduced" by the paper's direction.
+The last line printed is one JSON object with every run's scores.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import bench
+from configurator import configure
+from model import CheckpointError, from_checkpoint, load_checkpoint
+
+# -----------------------------------------------------------------------------
+ar_dir = "out-tasks-ar"             # the AR run every config converts (their init_from)
+seeds = "1337,1338"
+only = ""                           # comma-separated name prefixes; '': every config in config/ablate
+thresholds = (1.0, 0.9, 0.7, 0.5)
+train_args = ""                     # extra train.py flags for every run, e.g. "--max_iters=100"
+n_test = 0                          # test prompts per task; 0: all
+device = "cpu"
+# -----------------------------------------------------------------------------
+
+JUDGE = 0.9  # the threshold at which comparisons are judged
+# (variant, its reference, the paper's direction for the variant: +1 better, -1 worse, 0 not
+# measured there, and the paper's figures; method.md section 7)
+COMPARISONS = [
+    ("attn_block_noisy", "reference", -1, "block-wise without clean context 28.23 vs 37.69 with it"),
+    ("attn_bidirectional", "reference", -1, "bidirectional 18.10 vs block-wise with clean context 37.69 (shift on)"),
+    ("shift_off", "reference", +1, "block-wise: no shift 38.41 vs shift 37.69"),
+    ("shift_off_bidirectional", "attn_bidirectional", +1, "bidirectional: no shift 19.29 vs shift 18.10"),
+    ("mask_uniform", "reference", -1, "uniform 57.12 vs lambda 0.1 58.79 at TPF 2.8"),
+    ("mask_lam0.25", "reference", 0, "not measured"),
+    ("mask_lam0.05", "reference", 0, "not measured"),
+    ("mask_r2l", "reference", -1, "right-to-left 27.55 vs lambda 0.1 58.79 at TPF 2.8"),
+    ("block_4", "reference", -1, "too-small blocks hurt (16 best at 1.5B, 64 at 4B)"),
+    ("block_16", "reference", +1, "16 best at 1.5B"),
+    ("block_32", "reference", 0, "64 best at 4B; not measured at this size"),
+    ("lora_4", "lora_16", -1, "rank 16 27.93 vs rank 64 30.78"),
+    ("lora_16", "reference", -1, "rank 16 27.93 vs full 38.41"),
+]
+
+
+def finished(out, args):
+    """True when out/ckpt.pt is the end of the run that train.py `args` asks for."""
+    try:
+        c = load_checkpoint(os.path.join(out, "ckpt.pt"), "cpu")
+    except CheckpointError:
+        return False
+    want = configure(c["config"], args, nullable={"mask_half_life"})
+    want["init_from"] = os.path.abspath(want["init_from"])
+    return c["iter_num"] >= c["config"]["max_iters"] and all(
+        want[k] == c["config"][k] for k in want if k not in ("out_dir", "device"))
+
+
+def train(variant, seed):
+    """Trains one (variant, seed) unless it is done already; returns its out_dir."""
+    out = os.path.join("out-ablate", f"{variant}-s{seed}")
+    args = [os.path.join("config", "ablate", f"{variant}.py"), f"--init_from={ar_dir}", f"--out_dir={out}",
+            f"--seed={seed}", f"--device={device}", *train_args.split()]
+    if finished(out, args):
+        return out
+    print(f"training {out} ...", flush=True)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+        sys.exit(f"error: training {out} failed: {last}")
+    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+@torch.no_grad()
+def score(out, ar_model, problems):
+    """The val bound, and accuracy and tokens per forward at each threshold (and block 16 for
+    the block-size runs), all at once for one run."""
+    model, config, meta = from_checkpoint(out, device)
+    pattern, shift, B = config["attention"], config["token_shift"], config["block_size"]
+    val = bench.val_row(ar_model, model, config, meta)
+    result = dict(bound=val["dlm_bound"], ar_loss=val["ar_loss"])
+    blocks = [B] + ([16] if os.path.basename(out).startswith("block_") and B != 16 else [])
+    for block in blocks:
+        for th in thresholds:
+            t0 = time.perf_counter()
+            r = bench.evaluate(bench.decoder(model, meta, True, th, block, pattern, shift), problems, meta)
+            key = f"b{block}" if block != B else ""
+            result[f"acc{th}{key}"], result[f"tpf{th}{key}"] = r["average"], r["tokens_per_forward"]
+            if th == JUDGE and not key:
+                result["decode_s"] = time.perf_counter() - t0
+    return result
+
+
+def spread(values):
+    return max(values) - min(values)
+
+
+def judge(variant, reference, sign):
+    """(gap, noise, verdict) for the scores of a variant's seeds against its reference's: the gap
+    of the means counts only beyond the larger spread between seeds; then its direction is the
+    paper's (sign +1: the variant better, -1: worse) or not, or the paper has no figure (0)."""
+    gap = statistics.mean(variant) - statistics.mean(reference)
+    noise = max(spread(variant), spread(reference))
+    if abs(gap) <= noise:
+        return gap, noise, "within noise"
+    return gap, noise, "no paper figure" if sign == 0 else "reproduced" if gap * sign > 0 else "not reproduced"
+
+
+def main():
+    order = ["reference"] + [c[0] for c in COMPARISONS]  # the reference, then the table's order, then any others
+    variants = sorted((f[:-3] for f in os.listdir(os.path.join("config", "ablate")) if f.endswith(".py")),
+                      key=lambda v: (order.index(v) if v in order else len(order), v))
+    if only:
+        variants = [v for v in variants if v.startswith(tuple(only.split(",")))]
+    if not variants:
+        sys.exit(f"error: no config in config/ablate matches --only={only!r}")
+    try:
+        seed_list = [int(s) for s in str(seeds).strip("()").split(",") if s.strip()]
+        ar_model, _, meta = from_checkpoint(ar_dir, device)
+    except ValueError:
+        sys.exit(f"error: seeds must be comma-separated integers, got {seeds!r}")
+    except CheckpointError as e:
+        sys.exit(f"error: {e} (--ar_dir: the AR run that config/tasks_ar.py trains)")
+    if JUDGE not in thresholds:
+        sys.exit(f"error: thresholds must include {JUDGE}, the one the comparisons are judged at; got {thresholds}")
+    bench.device = device
+    try:
+        problems = bench.load_problems("tasks", n_test)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    runs = {v: [train(v, s) for s in seed_list] for v in variants}
+
+    print(f"\nscoring {sum(map(len, runs.values()))} runs on {len(problems)} test prompts ...", flush=True)
+    scores = {v: [score(out, ar_model, problems) for out in outs] for v, outs in runs.items()}
+    ar = bench.evaluate(bench.decoder(ar_model, meta, False), problems, meta)
+
+    mean = lambda v, k: statistics.mean(s[k] for s in scores[v])
+    pm = lambda v, k: f"{mean(v, k):5.1f} \u00b1{spread([s[k] for s in scores[v]]) / 2:3.1f}"
+    print(f"\n{len(seed_list)} seeds per variant ({', '.join(map(str, seed_list))}): mean \u00b1 half the spread; "
+          f"accuracy (%) over {len(problems)} test prompts, tokens per forward over the answers")
+    print(f"{'variant':25}{'val bound':>10}" + "".join(f"{f'acc t={th}':>12}{'TPF':>6}" for th in thresholds)
+          + f"{'decode s':>10}")
+    print(f"{'AR source':25}{scores[variants[0]][0]['ar_loss']:10.3f}{ar['average']:8.1f}{'':4}{ar['tokens_per_forward']:6.2f}")
+    for v in variants:
+        print(f"{v:25}{mean(v, 'bound'):10.3f}" + "".join(f"{pm(v, f'acc{th}'):>12}{mean(v, f'tpf{th}'):6.2f}"
+                                                        for th in thresholds) + f"{mean(v, 'decode_s'):10.1f}")
+        if f"acc{thresholds[0]}b16" in scores[v][0]:
+            print(f"{'  decoded at block 16':25}{'':10}" + "".join(f"{pm(v, f'acc{th}b16'):>12}{mean(v, f'tpf{th}b16'):6.2f}"
+                                                               for th in thresholds))
+
+    print(f"\ncomparisons, on the accuracy at threshold {JUDGE} (gap: variant - reference; noise: the larger seed spread)")
+    print(f"{'variant vs reference':45}{'gap':>7}{'noise':>7}  {'verdict':16}paper (method.md section 7)")
+    verdicts = []
+    for v, ref, sign, paper in COMPARISONS:
+        if v in scores and ref in scores:
+            gap, noise, word = judge([s[f"acc{JUDGE}"] for s in scores[v]], [s[f"acc{JUDGE}"] for s in scores[ref]], sign)
+            verdicts.append(dict(variant=v, reference=ref, gap=round(gap, 2), noise=round(noise, 2), verdict=word))
+            print(f"{v + ' vs ' + ref:45}{gap:+7.1f}{noise:7.1f}  {word:16}{paper}")
+    print(json.dumps(dict(seeds=seed_list, ar=dict(accuracy=ar["average"]),
+                          runs={v: [dict(run=o, **{k: round(x, 4) for k, x in s.items()}) for o, s in zip(runs[v], scores[v])]
+                                for v in variants}, comparisons=verdicts)))
+
+
+if __name__ == "__main__":
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
+                and isinstance(v, (int, float, bool, str, tuple))}
+    globals().update(configure(defaults))
+    main()

@@ -1,0 +1,4 @@
+# LoRA rank 16 on every attention and MLP linear (embeddings, norms and head trained), merged on save.
+exec(open("config/ablate/reference.py").read())
+lora_rank = 16
+out_dir = "out-ablate/lora_16"
