@@ -88,8 +88,9 @@ def main():
     args = p.parse_args()
     try:
         weights = {k: int(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
-        assert set(weights) <= set(TASKS) and all(v >= 0 for v in weights.values())
-    except (ValueError, AssertionError):
+    except ValueError:
+        weights = None
+    if weights is None or not set(weights) <= set(TASKS) or min(weights.values()) < 0:
         p.error(f"--weights must be task=count pairs over {', '.join(TASKS)}, got {args.weights!r}")
 
     # test problems first; no training or validation problem may have a test prompt
