@@ -8,6 +8,8 @@ the median of `repeats` timed runs, generated tokens only (never the prompt).
     python bench.py --out_dir=out-tasks-dlm --mode=forward --shape=qwen3-0.6b --device=cuda --compile=True
                                                             # a block forward over a token forward
     python bench.py --out_dir=out-tasks-dlm --compare_hf=True   # our AR decoding vs transformers' generate
+    python bench.py --out_dir=out-tasks-dlm --by_distance=100   # also: accuracy and confidence of each masked
+                                                            # position by its distance from the last clean one
 
 The AR baseline is the run the dLM was initialised from (recorded in its checkpoint), or --ar_dir.
 Decode rows: AR with its KV cache, and the dLM at each threshold, at each batch size, with tokens
@@ -33,8 +35,8 @@ import torch.nn.functional as F
 
 from configurator import configure
 from convert_qwen import hf_name, load_tokenizer
-from model import (CheckpointError, ModelConfig, Transformer, attention_rule, dense_mask, diffusion_bound, diffusion_loss,
-                   from_checkpoint, generate_ar, generate_block, layout_mask)
+from model import (CheckpointError, ModelConfig, Transformer, attention_rule, dense_mask, diffusion_bound, diffusion_logits,
+                   diffusion_loss, from_checkpoint, generate_ar, generate_block, layout_mask)
 
 # -----------------------------------------------------------------------------
 out_dir = "out-tasks-dlm"
@@ -49,6 +51,7 @@ unfused = 0.9                       # dLM: also this threshold with commit passe
 n_test = 0                          # test prompts per task for the accuracy; 0: all
 eval_batch = 100                    # prompts decoded together for the accuracy
 n_timed = 16                        # prompts per task in each timed run
+by_distance = 0                     # >0: also accuracy and confidence by distance from the last clean token, over this many prompts per task
 # text checkpoints
 start = "\n"                        # the prompt of the timed runs and of the samples
 max_new_tokens = 256
@@ -119,6 +122,40 @@ def evaluate(decode, problems, meta, batch_size=100):
     return dict(accuracy=accuracy, average=sum(accuracy.values()) / len(accuracy),
                 tokens_per_forward=sum(tokens.values()) / sum(forwards.values()),
                 task_tokens_per_forward={t: tokens[t] / forwards[t] for t in tokens})
+
+
+@torch.no_grad()
+def accuracy_by_distance(model, config, meta, problems, threshold=0.9):
+    """Why some answers decode in parallel and others do not. In every state that left-to-right
+    block decoding passes through (an answer clean up to some position, the rest of its block
+    masked), each masked position is predicted greedily; it stands d positions past the last
+    clean token (d = 1: right after it, where an AR model predicts too). Per task and d: how many,
+    how many right, how many at least `threshold` confident (those a forward would commit) and
+    how many of those right. Computed without a cache, in the training layout."""
+    B, pattern, mask_id = config["block_size"], config["attention"], meta["mask_id"]
+    stoi = {c: i for i, c in enumerate(meta["itos"])}
+    counts = {}
+    for p in problems:
+        prompt = [stoi[c] for c in p["prompt"]]
+        seq = prompt + [stoi[c] for c in p["answer"]] + [meta["end_id"]]
+        L = -(-len(seq) // B) * B
+        x_0 = torch.tensor(seq + [mask_id] * (L - len(seq)), device=device)
+        first = torch.arange(len(prompt), len(seq), device=device)[:, None]  # each state's first masked position
+        pos = torch.arange(L, device=device)
+        x_t = torch.where(pos >= first, mask_id, x_0)
+        logits = diffusion_logits(model, x_t, x_0.expand_as(x_t), layout_mask(pattern, B, L, device), pattern, B,
+                                  config["token_shift"])
+        conf, tok = logits.float().softmax(-1).max(-1)
+        scored = (pos >= first) & (pos < (first // B + 1) * B) & (pos < len(seq))  # the rest of the first block
+        d = (pos - first + 1)[scored]
+        right, sure = (tok == x_0)[scored], (conf >= threshold)[scored]
+        n = counts.setdefault(p["task"], torch.zeros(4, B + 1))
+        for k, w in enumerate((torch.ones_like(right), right, sure, sure & right)):
+            n[k] += torch.bincount(d, w.double(), B + 1).cpu()
+    return {t: [dict(d=d, n=int(n[0, d]), accuracy=round(100.0 * n[1, d].item() / n[0, d].item(), 1),
+                     sure=round(100.0 * n[2, d].item() / n[0, d].item(), 1),
+                     sure_accuracy=round(100.0 * n[3, d].item() / n[2, d].item(), 1) if n[2, d] else None)
+                for d in range(1, B + 1) if n[0, d]] for t, n in counts.items()}
 
 
 def timed(decode, prompts, max_new, batch_size, end_id=None):
@@ -216,6 +253,16 @@ def bench_decode(ar_model, dlm_model, dlm_config, meta):
             q = quality[name]
             print(f"{name:22}" + "".join(f"{q['per_task'][t]:7.1f}" for t in tasks) + f"{q['accuracy']:7.1f}" +
                   "".join(f"{q['per_task_tokens_per_forward'][t]:7.2f}" for t in tasks) + f"{q['tokens_per_forward']:7.2f}")
+        if by_distance and dlm:
+            th = 0.9 if 0.9 in thresholds else thresholds[0]
+            result_by_distance = accuracy_by_distance(dlm_model, dlm_config, meta,
+                                                      load_problems(dlm_config["dataset"], by_distance), th)
+            print(f"\nby distance d from the last clean token, answers decoded left to right, {by_distance} prompts per "
+                  f"task: accuracy % / share at least {th} confident % / accuracy of those %")
+            print(f"{'':7}" + "".join(f"{f'd={d}':>13}" for d in range(1, dlm_config["block_size"] + 1)))
+            for t, cells in result_by_distance.items():
+                print(f"{t:7}" + "".join((f"{c['accuracy']:.0f}/{c['sure']:.0f}/" + (f"{c['sure_accuracy']:.0f}" if c["sure"] else "-")).rjust(13)
+                                         for c in cells))
     else:
         if meta.get("tokenizer") == "tiktoken":  # a converted Qwen model: its tokenizer lies beside the checkpoint
             prompt = load_tokenizer(out_dir).encode(start)
@@ -249,6 +296,8 @@ def bench_decode(ar_model, dlm_model, dlm_config, meta):
             qual = f"{q['accuracy']:11.1f}" if tasks_mode else f"{q['gen_ppl']:9.2f}{q['entropy']:9.2f}"
             print(f"{name:22}{bs:6d}{tpf:7.2f}{forwards:10d}{tps:10.1f}{tps / ar_tps:8.2f}x{qual}")
     result = dict(decode=rows)
+    if tasks_mode and by_distance and dlm:
+        result["by_distance"] = result_by_distance
     if dlm:
         result["val"] = val_row(ar_model, dlm_model, dlm_config, meta)
         v = result["val"]

@@ -396,6 +396,11 @@ def test_training_lowers_loss_and_checkpoint_reloads(workdir):
     code, out, err = run("train.py", *TINY, "--out_dir=out-ar", "--init_from=resume", "--eval_only=True", cwd=workdir)
     assert code == 0, err
     assert losses(out) == [ar[1]]
+    # --dtype is honoured on CPU too: bfloat16 autocast gives a loss close to float32's, not equal
+    code, out, err = run("train.py", *TINY, "--out_dir=out-ar", "--init_from=resume", "--eval_only=True",
+                         "--dtype=bfloat16", cwd=workdir)
+    assert code == 0, err
+    assert losses(out) != [ar[1]] and abs(losses(out)[0] - ar[1]) < 0.05
     # convert it to a dLM: the any-order bound goes down with training
     code, out, err = run("train.py", *TINY, "--out_dir=out-dlm", "--init_from=out-ar", "--mode=dlm",
                          "--block_size=8", "--max_iters=40", "--eval_interval=40", "--learning_rate=2e-3", cwd=workdir)
@@ -804,6 +809,41 @@ def test_task_evaluation_with_uniform_logits():
     steps = []
     generate_block(uniform, [[0, 1, 2]], 9, 4, 11, 0.9, on_step=lambda s, blk, c: steps.append(int(c.sum())))
     assert steps == [1] * 9  # nothing is confident: one token per forward
+
+
+class ReadsTheAnswer(torch.nn.Module):
+    """Reads the answer from the clean half of the training layout [x_t ; x_0] and is always
+    certain; off_by_one: one position behind wherever the token before is masked."""
+
+    def __init__(self, off_by_one):
+        super().__init__()
+        self.off_by_one = off_by_one
+
+    def forward(self, idx, pos, mask, logits_slice=slice(None)):
+        L = idx.size(1) // 2
+        x_t, x_0 = idx[:, :L], idx[:, L:]
+        behind = torch.cat([x_0[:, :1], x_0[:, :-1]], 1)
+        after_mask = torch.cat([torch.zeros_like(x_t[:, :1]), x_t[:, :-1]], 1) == TASK_META["mask_id"]
+        tokens = torch.where(after_mask & self.off_by_one, behind, x_0)
+        return F.one_hot(tokens, len(TASK_META["itos"])).float()[:, logits_slice] * 50.0
+
+
+def test_accuracy_by_distance_against_a_brute_force_count():
+    from bench import accuracy_by_distance
+    B, config = 4, dict(block_size=4, attention="block", token_shift=False)
+    want = {}  # task -> d -> masked positions d past the last clean token, one state at a time
+    for p in TASK_PROBLEMS:
+        start, end = len(p["prompt"]), len(p["prompt"]) + len(p["answer"]) + 1
+        for first in range(start, end):
+            for q in range(first, min(first // B * B + B, end)):
+                cells = want.setdefault(p["task"], {})
+                cells[q - first + 1] = cells.get(q - first + 1, 0) + 1
+    for off_by_one in (False, True):
+        got = accuracy_by_distance(ReadsTheAnswer(off_by_one), config, TASK_META, TASK_PROBLEMS)
+        assert {t: {c["d"]: c["n"] for c in cells} for t, cells in got.items()} == want
+        for c in (c for cells in got.values() for c in cells):  # distinct letters: one behind is always wrong
+            right = 100.0 if not off_by_one or c["d"] == 1 else 0.0
+            assert c["sure"] == 100.0 and c["accuracy"] == c["sure_accuracy"] == right
 
 
 # ----------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ min_lr = 1e-4
 # system
 device = "auto"             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"              # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
+                            # (autocast; on CPU bfloat16 pays where the cores have AMX or AVX-512 BF16)
 compile = False
 seed = 1337
 backend = "nccl"            # DDP backend on CUDA ('gloo' is used on CPU)
@@ -132,7 +133,7 @@ if master:
 torch.manual_seed(seed + rank)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if device_type == "cpu" else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: token files of the dtype recorded in meta.json
 data_dir = os.path.join("data", dataset)
