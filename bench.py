@@ -149,9 +149,10 @@ def accuracy_by_distance(model, config, meta, problems, threshold=0.9):
         scored = (pos >= first) & (pos < (first // B + 1) * B) & (pos < len(seq))  # the rest of the first block
         d = (pos - first + 1)[scored]
         right, sure = (tok == x_0)[scored], (conf >= threshold)[scored]
-        n = counts.setdefault(p["task"], torch.zeros(4, B + 1))
+        n = counts.setdefault(p["task"], torch.zeros(4, B + 1, dtype=torch.float64, device=device))
         for k, w in enumerate((torch.ones_like(right), right, sure, sure & right)):
-            n[k] += torch.bincount(d, w.double(), B + 1).cpu()
+            n[k] += torch.bincount(d, w.double(), B + 1)
+    counts = {t: n.cpu() for t, n in counts.items()}  # one copy to the host, at the end
     return {t: [dict(d=d, n=int(n[0, d]), accuracy=round(100.0 * n[1, d].item() / n[0, d].item(), 1),
                      sure=round(100.0 * n[2, d].item() / n[0, d].item(), 1),
                      sure_accuracy=round(100.0 * n[3, d].item() / n[2, d].item(), 1) if n[2, d] else None)
