@@ -1,5 +1,5 @@
 """
-The paper's ablations in miniature (method.md section 7), on the task demo: every config in
+The paper's ablations in miniature, on the task demo: every config in
 config/ablate/ is one conversion of the same AR run (out-tasks-ar), with the same iterations,
 learning-rate schedule and seeds, that differs from config/ablate/reference.py in one thing.
 
@@ -9,16 +9,18 @@ learning-rate schedule and seeds, that differs from config/ablate/reference.py i
 
 Each (variant, seed) trains into out-ablate/<variant>-s<seed>; a run whose checkpoint is there
 at its last iteration is not trained again, so an interrupted sweep continues where it stopped.
-Scores: the any-order val bound (nats per token, method.md section 5) and, on the held-out test
+Scores: the any-order val bound (nats per token, model.py's diffusion_bound) and, on the held-out test
 prompts, the average exact-match accuracy and tokens per forward over the answers at each
 threshold, decoded at the run's own block size (block-size runs also at block 16). Bidirectional
 runs have no exact KV cache: they recompute the whole sequence at every forward, and the
 `decode s` column (all test prompts at threshold 0.9) shows what that costs. Each comparison is
 judged on the accuracy at threshold 0.9: "within noise" when the gap is no larger than the
 spread between seeds, else "reproduced" or "not reproduced" by the paper's direction.
-The last line printed is one JSON object with every run's scores.
+A sweep over every config writes what it prints to docs/ablations.md (--report); the last line
+printed is one JSON object with every run's scores.
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -29,22 +31,24 @@ import time
 import torch
 
 import bench
-from configurator import configure
-from model import CheckpointError, from_checkpoint, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_run
+from configurator import configure, load_config, resolve_device
+from model import Decoding
 
 # -----------------------------------------------------------------------------
 ar_dir = "out-tasks-ar"             # the AR run every config converts (their init_from)
 seeds = "1337,1338"
 only = ""                           # comma-separated name prefixes; '': every config in config/ablate
-thresholds = (1.0, 0.9, 0.7, 0.5)
+thresholds = (1.0, 0.9, 0.7, 0.5)   # decoding thresholds scored (0.9, where comparisons are judged, among them)
 train_args = ""                     # extra train.py flags for every run, e.g. "--max_iters=100"
 n_test = 0                          # test prompts per task; 0: all
-device = "cpu"
+report = "docs/ablations.md"        # a sweep over every config writes its output here ('': nowhere)
+device = "cpu"                      # 'cpu', 'cuda', 'auto', ...
 # -----------------------------------------------------------------------------
 
 JUDGE = 0.9  # the threshold at which comparisons are judged
 # (variant, its reference, the paper's direction for the variant: +1 better, -1 worse, 0 not
-# measured there, and the paper's figures; method.md section 7)
+# measured there, and the paper's figures)
 COMPARISONS = [
     ("attn_block_noisy", "reference", -1, "block-wise without clean context 28.23 vs 37.69 with it"),
     ("attn_bidirectional", "reference", -1, "bidirectional 18.10 vs block-wise with clean context 37.69 (shift on)"),
@@ -68,13 +72,16 @@ def finished(out, args):
         c = load_checkpoint(os.path.join(out, "ckpt.pt"), "cpu")
     except CheckpointError:
         return False
-    want = configure(c["config"], args, nullable={"mask_half_life"})
-    want["init_from"] = os.path.abspath(want["init_from"])
-    return c["iter_num"] >= c["config"]["max_iters"] and all(
+    try:  # what the run's own settings become with these flags
+        want = configure(c["config"], args, nullable={"mask_half_life"})
+    except SystemExit:  # a flag for a setting this checkpoint predates: train it again
+        return False
+    same_source = os.path.realpath(want.pop("init_from")) == os.path.realpath(c["config"]["init_from"])
+    return same_source and c["iter_num"] >= c["config"]["max_iters"] and all(
         want[k] == c["config"][k] for k in want if k not in ("out_dir", "device"))
 
 
-def train(variant, seed):
+def train(variant, seed, device):
     """Trains one (variant, seed) unless it is done already; returns its out_dir."""
     out = os.path.join("out-ablate", f"{variant}-s{seed}")
     args = [os.path.join("config", "ablate", f"{variant}.py"), f"--init_from={ar_dir}", f"--out_dir={out}",
@@ -92,18 +99,20 @@ def train(variant, seed):
 
 
 @torch.no_grad()
-def score(out, ar_model, problems):
+def score(out, ar_model, problems, device):
     """The val bound, and accuracy and tokens per forward at each threshold (and block 16 for
     the block-size runs), all at once for one run."""
-    model, config, meta = from_checkpoint(out, device)
-    pattern, shift, B = config["attention"], config["token_shift"], config["block_size"]
-    val = bench.val_row(ar_model, model, config, meta)
+    run = load_run(out, device)
+    B = run.recipe.block_size
+    val = bench.val_row(ar_model, run, n_windows=160, seed=1337, device=device)  # bench.py's own val windows
     result = dict(bound=val["dlm_bound"], ar_loss=val["ar_loss"])
     blocks = [B] + ([16] if os.path.basename(out).startswith("block_") and B != 16 else [])
     for block in blocks:
+        recipe = dataclasses.replace(run.recipe, block_size=block)
         for th in thresholds:
             t0 = time.perf_counter()
-            r = bench.evaluate(bench.decoder(model, meta, True, th, block, pattern, shift), problems, meta)
+            decode = bench.decoder(run.model, recipe, Decoding(threshold=th, end_ids=run.end_ids))
+            r = bench.evaluate(decode, problems, run.tokenizer())
             key = f"b{block}" if block != B else ""
             result[f"acc{th}{key}"], result[f"tpf{th}{key}"] = r["average"], r["tokens_per_forward"]
             if th == JUDGE and not key:
@@ -128,61 +137,77 @@ def judge(variant, reference, sign):
 
 def main():
     order = ["reference"] + [c[0] for c in COMPARISONS]  # the reference, then the table's order, then any others
-    variants = sorted((f[:-3] for f in os.listdir(os.path.join("config", "ablate")) if f.endswith(".py")),
-                      key=lambda v: (order.index(v) if v in order else len(order), v))
-    if only:
-        variants = [v for v in variants if v.startswith(tuple(only.split(",")))]
+    every = sorted((f[:-3] for f in os.listdir(os.path.join("config", "ablate")) if f.endswith(".py")),
+                   key=lambda v: (order.index(v) if v in order else len(order), v))
+    variants = [v for v in every if v.startswith(tuple(only.split(",")))] if only else every
     if not variants:
         sys.exit(f"error: no config in config/ablate matches --only={only!r}")
     try:
         seed_list = [int(s) for s in str(seeds).strip("()").split(",") if s.strip()]
-        ar_model, _, meta = from_checkpoint(ar_dir, device)
     except ValueError:
-        sys.exit(f"error: seeds must be comma-separated integers, got {seeds!r}")
-    except CheckpointError as e:
-        sys.exit(f"error: {e} (--ar_dir: the AR run that config/tasks_ar.py trains)")
+        sys.exit(f"error: seeds must be comma-separated integers, got {seeds!r} (--seeds)")
     if JUDGE not in thresholds:
         sys.exit(f"error: thresholds must include {JUDGE}, the one the comparisons are judged at; got {thresholds}")
-    bench.device = device
+    dev = resolve_device(device)
     try:
+        ar = load_run(ar_dir, dev, flag="--ar_dir (the AR run that config/tasks_ar.py trains)")
         problems = bench.load_problems("tasks", n_test)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    runs = {v: [train(v, s) for s in seed_list] for v in variants}
+    runs = {v: [train(v, s, dev) for s in seed_list] for v in variants}
 
     print(f"\nscoring {sum(map(len, runs.values()))} runs on {len(problems)} test prompts ...", flush=True)
-    scores = {v: [score(out, ar_model, problems) for out in outs] for v, outs in runs.items()}
-    ar = bench.evaluate(bench.decoder(ar_model, meta, False), problems, meta)
+    scores = {v: [score(out, ar.model, problems, dev) for out in outs] for v, outs in runs.items()}
+    ar_score = bench.evaluate(bench.decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
 
+    lines = []
     mean = lambda v, k: statistics.mean(s[k] for s in scores[v])
     pm = lambda v, k: f"{mean(v, k):5.1f} \u00b1{spread([s[k] for s in scores[v]]) / 2:3.1f}"
-    print(f"\n{len(seed_list)} seeds per variant ({', '.join(map(str, seed_list))}): mean \u00b1 half the spread; "
-          f"accuracy (%) over {len(problems)} test prompts, tokens per forward over the answers")
-    print(f"{'variant':25}{'val bound':>10}" + "".join(f"{f'acc t={th}':>12}{'TPF':>6}" for th in thresholds)
-          + f"{'decode s':>10}")
-    print(f"{'AR source':25}{scores[variants[0]][0]['ar_loss']:10.3f}{ar['average']:8.1f}{'':4}{ar['tokens_per_forward']:6.2f}")
+    lines.append(f"{len(seed_list)} seeds per variant ({', '.join(map(str, seed_list))}): mean \u00b1 half the spread; "
+                 f"accuracy (%) over {len(problems)} test prompts, tokens per forward over the answers")
+    lines.append(f"{'variant':25}{'val bound':>10}" + "".join(f"{f'acc t={th}':>12}{'TPF':>6}" for th in thresholds)
+                 + f"{'decode s':>10}")
+    lines.append(f"{'AR source':25}{scores[variants[0]][0]['ar_loss']:10.3f}{ar_score['average']:8.1f}{'':4}"
+                 f"{ar_score['tokens_per_forward']:6.2f}")
     for v in variants:
-        print(f"{v:25}{mean(v, 'bound'):10.3f}" + "".join(f"{pm(v, f'acc{th}'):>12}{mean(v, f'tpf{th}'):6.2f}"
-                                                        for th in thresholds) + f"{mean(v, 'decode_s'):10.1f}")
+        lines.append(f"{v:25}{mean(v, 'bound'):10.3f}" + "".join(f"{pm(v, f'acc{th}'):>12}{mean(v, f'tpf{th}'):6.2f}"
+                                                                 for th in thresholds) + f"{mean(v, 'decode_s'):10.1f}")
         if f"acc{thresholds[0]}b16" in scores[v][0]:
-            print(f"{'  decoded at block 16':25}{'':10}" + "".join(f"{pm(v, f'acc{th}b16'):>12}{mean(v, f'tpf{th}b16'):6.2f}"
-                                                               for th in thresholds))
-
-    print(f"\ncomparisons, on the accuracy at threshold {JUDGE} (gap: variant - reference; noise: the larger seed spread)")
-    print(f"{'variant vs reference':45}{'gap':>7}{'noise':>7}  {'verdict':16}paper (method.md section 7)")
+            lines.append(f"{'  decoded at block 16':25}{'':10}" + "".join(
+                f"{pm(v, f'acc{th}b16'):>12}{mean(v, f'tpf{th}b16'):6.2f}" for th in thresholds))
+    lines.append("")
+    lines.append(f"comparisons, on the accuracy at threshold {JUDGE} (gap: variant - reference; noise: the larger seed spread)")
+    lines.append(f"{'variant vs reference':45}{'gap':>7}{'noise':>7}  {'verdict':16}the paper's figures")
     verdicts = []
     for v, ref, sign, paper in COMPARISONS:
         if v in scores and ref in scores:
             gap, noise, word = judge([s[f"acc{JUDGE}"] for s in scores[v]], [s[f"acc{JUDGE}"] for s in scores[ref]], sign)
             verdicts.append(dict(variant=v, reference=ref, gap=round(gap, 2), noise=round(noise, 2), verdict=word))
-            print(f"{v + ' vs ' + ref:45}{gap:+7.1f}{noise:7.1f}  {word:16}{paper}")
-    print(json.dumps(dict(seeds=seed_list, ar=dict(accuracy=ar["average"]),
+            lines.append(f"{v + ' vs ' + ref:45}{gap:+7.1f}{noise:7.1f}  {word:16}{paper}")
+    print("\n" + "\n".join(lines))
+    if report and variants == every:
+        write_report(report, lines, train_args)
+        print(f"\nwritten to {report}")
+    print(json.dumps(dict(seeds=seed_list, ar=dict(accuracy=ar_score["average"]),
                           runs={v: [dict(run=o, **{k: round(x, 4) for k, x in s.items()}) for o, s in zip(runs[v], scores[v])]
                                 for v in variants}, comparisons=verdicts)))
 
 
+def write_report(path, lines, extra_args):
+    """The sweep's tables as a markdown file: written by this script only, never by hand."""
+    command = "python ablate.py" + (f" --train_args={extra_args!r}" if extra_args else "")
+    text = (f"# The paper's ablations in miniature: the output of `{command}`\n\n"
+            f"This file is written by ablate.py at the end of a sweep over every config in config/ablate; edit the "
+            f"script, not this file.\nEach variant differs from `config/ablate/reference.py` in the one setting its "
+            f"file changes (README, \"The paper in miniature\").\n\n```\n" + "\n".join(lines) + "\n```\n")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 if __name__ == "__main__":
-    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
-                and isinstance(v, (int, float, bool, str, tuple))}
-    globals().update(configure(defaults))
+    load_config(globals())
     main()

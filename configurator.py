@@ -1,22 +1,58 @@
 """
-nanoGPT-style configuration. A script lists its settings as plain globals with defaults, then
+nanoGPT-style configuration, one idiom for every script. A script lists its settings at the top
+as plain `name = literal` lines, each with a comment that says what it is, and then calls
 
-    globals().update(configure(defaults))
+    config = load_config(globals())
 
-where `defaults` maps each setting to its default. Command-line arguments are read in order:
-a bare `config/x.py` runs that file and takes the settings it assigns, `--key=value` sets one
-setting (the value read as a Python literal, else kept as a string). A key that is not a
-setting, or a value of another type than the default's, is a one-line error naming the key.
+which applies the command line in order: a bare `config/x.py` runs that file and takes the
+settings it assigns, `--key=value` sets one setting (the value read as a Python literal, else
+kept as a string). A key that is not a setting, or a value of another type than the setting's,
+is a one-line error naming the key. `--help` lists the settings with their values and comments.
 """
 
 import ast
 import difflib
+import io
 import os
 import sys
+import tokenize
 
 
 def _fail(msg):
     sys.exit(f"error: {msg}")
+
+
+def settings(path):
+    """{name: (default, comment)} of a script's settings: its top-level `name = literal`
+    assignments of lowercase names before its first function or class, read from the source
+    (nothing is run), with the comment on the same line or the lines just below it."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            break
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        if not name.islower() or name.startswith("_"):
+            continue
+        lines, line = [], node.end_lineno
+        if line in comments:  # a comment after the value, continued on the lines below at the same column
+            column = comments[line][0]
+            while line in comments and comments[line][0] == column:
+                lines.append(comments[line][1])
+                line += 1
+        found[name] = (value, " ".join(lines))
+    return found
 
 
 def _unknown(key, defaults):
@@ -25,27 +61,30 @@ def _unknown(key, defaults):
     return f"unknown setting '{key}'{hint}"
 
 
-def _check(key, value, defaults, nullable, origin):
-    default = defaults[key]
-    if value is None and (default is None or key in nullable):
+def _check(key, value, config, nullable, origin):
+    """value, if it may replace config[key]: the same type as the current value (an int for a
+    float is widened, anything for a string is kept as text), or None where that is allowed."""
+    current = config[key]
+    if value is None and (current is None or key in nullable):
         return None
-    if default is None or type(value) is type(default):
+    if current is None or type(value) is type(current):
         return value
-    if type(default) is float and type(value) is int:
+    if type(current) is float and type(value) is int:
         return float(value)
-    if type(default) is str:
+    if type(current) is str:
         return str(value)
-    _fail(f"{origin}: '{key}' must be {type(default).__name__} like its default {default!r}, "
+    _fail(f"{origin}: '{key}' must be {type(current).__name__} like its current value {current!r}, "
           f"got {value!r} ({type(value).__name__})")
 
 
 def configure(defaults, argv=None, nullable=()):
-    """Returns the settings after applying config files and --key=value overrides in argv."""
+    """The settings after applying config files and --key=value overrides in argv (default:
+    the command line) to `defaults`. Keys in `nullable` may also be set to None."""
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
-                _fail(f"config file '{arg}' not found (settings are given as --key=value)")
+                _fail(f"config file '{arg}' not found (settings are given as --key=value; --help lists them)")
             scope = {}
             try:
                 exec(open(arg).read(), scope)
@@ -56,16 +95,76 @@ def configure(defaults, argv=None, nullable=()):
                     continue
                 if key not in defaults:
                     _fail(f"{arg}: {_unknown(key, defaults)}")
-                config[key] = _check(key, value, defaults, nullable, arg)
+                config[key] = _check(key, value, config, nullable, arg)
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                _fail(f"'{arg}' has no value: write --{key}=VALUE")
+                _fail(f"'{arg}' has no value: write --{key}=VALUE (--help lists the settings)")
             if key not in defaults:
                 _fail(_unknown(key, defaults))
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-            config[key] = _check(key, value, defaults, nullable, f"--{key}")
+            config[key] = _check(key, value, config, nullable, f"--{key}")
     return config
+
+
+def _help(doc, table, config):
+    lines = [(doc or "").strip(), "", "usage: python SCRIPT [config/x.py ...] [--key=value ...]", "",
+             "settings (value, then what it is; 'default' where a config file or flag changed it):"]
+    width = max(len(f"{k} = {config[k]!r}") for k in table) + 2
+    for key, (default, comment) in table.items():
+        changed = f" (default {default!r})" if config[key] != default else ""
+        lines.append(f"  {f'{key} = {config[key]!r}':{width}}{comment}{changed}")
+    return "\n".join(lines)
+
+
+def load_config(scope, nullable=()):
+    """Applies the command line to the settings of the script whose globals are `scope`, in
+    place, and returns them as a dict. With -h or --help, prints the settings (after the config
+    files and flags before it) and exits."""
+    table = settings(scope["__file__"])
+    defaults = {k: scope[k] for k in table}
+    argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        first = min(i for i, a in enumerate(argv) if a in ("-h", "--help"))
+        print(_help(scope.get("__doc__"), table, configure(defaults, argv[:first], nullable)))
+        sys.exit(0)
+    config = configure(defaults, argv, nullable)
+    scope.update(config)
+    return config
+
+
+def resolve_device(device):
+    """'auto' -> 'cuda' if there is a GPU, else 'cpu'; anything torch cannot use is a one-line error."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        _fail(f"device {device!r} is not a device torch knows; use --device=auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        _fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        _fail(f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s); use --device=cuda:0")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        _fail(f"device={device!r} but MPS is not available here; use --device=cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        _fail(f"device {device!r} is not supported; use --device=auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """'auto' -> bfloat16 on a GPU that has it, else float32; returns the torch dtype."""
+    import torch
+    names = ("auto", "float32", "bfloat16", "float16")
+    if dtype not in names:
+        _fail(f"dtype must be one of {', '.join(repr(n) for n in names)}, got {dtype!r} (--dtype)")
+    cuda = device.startswith("cuda")
+    if dtype == "auto":
+        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        _fail("this GPU does not support bfloat16; use --dtype=float16 (or float32)")
+    return getattr(torch, dtype)

@@ -3,7 +3,7 @@ Convert a Hugging Face Qwen2 / Qwen2.5 / Qwen3 checkpoint and its tokenizer into
 ckpt.pt that train.py (init_from=<out_dir>) and sample.py (--out_dir=<out_dir>) load directly,
 and the tokenizer as a tiktoken vocabulary file (tokenizer.tiktoken) beside it.
 
-    huggingface-cli download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B      # needs internet
+    hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B      # needs internet (pip install huggingface_hub)
     python convert_qwen.py --hf_dir=Qwen3-0.6B --out_dir=out-qwen3-0.6b
 
 Nothing but torch, numpy and tiktoken is needed: the safetensors format (an 8-byte header
@@ -23,11 +23,12 @@ import warnings
 
 import torch
 
+from checkpoint import CheckpointError, save_checkpoint
 from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
-hf_dir = ""
-out_dir = ""
+hf_dir = ""                     # the downloaded Hugging Face checkpoint (config.json, *.safetensors, tokenizer.json)
+out_dir = ""                    # where to write our run (ckpt.pt and the tokenizer)
 dtype = "auto"                  # 'auto' (as stored), 'float32', 'bfloat16', 'float16'
 mask_token = "<|fim_pad|>"      # the released Efficient-DLM models use this unused token as [MASK]
 context_len = 4096              # longest sequence the converted model reads (sizes its rope tables and KV cache)
@@ -278,21 +279,20 @@ def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len
         raise ConversionError(f"the tokenizer has id {top} but the model only {args['vocab_size']} embeddings")
     meta = dict(vocab_size=args["vocab_size"], tokenizer="tiktoken", mask_id=special[mask_token], mask_token=mask_token,
                 end_id=ids.get("<|endoftext|>"), end_ids=list(ids.values()), special_tokens=special, dtype="uint32")
-    config = dict(mode="ar", attention="block", block_size=16, token_shift=False, mask_half_life=0.1,
-                  dataset="", init_from=os.path.abspath(hf_dir), context_len=args["context_len"])
+    config = dict(mode="ar", dataset="", init_from=str(hf_dir), context_len=args["context_len"])
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(out_dir, pattern, ranks, special)
-    ckpt = dict(model=state, model_args=args, iter_num=0, best_val_loss=float("inf"), config=config, meta=meta)
-    path = os.path.join(out_dir, "ckpt.pt")
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    ckpt = dict(model=state, model_args=args, recipe=None, iter_num=0, best_val_loss=float("inf"), config=config, meta=meta)
+    try:
+        save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     return args
 
 
 if __name__ == "__main__":
-    from configurator import configure
-    defaults = {k: v for k, v in globals().items() if k in ("hf_dir", "out_dir", "dtype", "mask_token", "context_len")}
-    globals().update(configure(defaults))
+    from configurator import load_config
+    load_config(globals())
     if not hf_dir or not out_dir:
         sys.exit("error: pass --hf_dir=<downloaded Hugging Face checkpoint> and --out_dir=<where to write ours>")
     try:

@@ -1,20 +1,21 @@
 """
-A Qwen2 / Qwen2.5 / Qwen3-compatible decoder-only transformer that can run as an
-autoregressive LM or as a block-diffusion LM, in one file.
+A Qwen2 / Qwen2.5 / Qwen3-compatible transformer that runs as an autoregressive LM (AR) or as a
+block-diffusion LM (dLM), and the whole method that turns one into the other, in reading order:
 
-What changes between the two is only the attention rule (section "Attention rules"),
-the input layout and the loss; the weights and the layers are the same. Parameter names
-follow Hugging Face's Qwen models with the leading "model." dropped, so real checkpoints
-map onto this one to one.
+  1. the settings: the architecture (ModelConfig) and the block-diffusion recipe (Recipe)
+  2. attention rules: one predicate per pattern, from which the dense mask and the
+     FlexAttention BlockMask are both built (`python model.py` draws them)
+  3. the layers, 4. the transformer and its static KV cache
+  5. the diffusion objective: the [x_t ; x_0] layout, the corruption, the loss, the bound
+  6. decoding: AR, and block-parallel threshold decoding with an exact KV cache
 
-Decoding (AR with a KV cache, and block-parallel confidence-threshold decoding of a
-block-diffusion LM with an exact KV cache) lives at the bottom of the file.
+The weights and the layers of the two models are the same: only the attention rule, the input
+layout and the loss change. Parameter names follow Hugging Face's Qwen models with the leading
+"model." dropped, so a real checkpoint maps onto this one by a rename.
 """
 
 import math
-import os
-import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 PATTERNS = ("causal", "block", "block_noisy", "bidirectional")
 
+
+# ----------------------------------------------------------------------------------------
+# 1. Settings
 
 @dataclass
 class ModelConfig:
@@ -47,9 +51,33 @@ class ModelConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What makes a model a block-diffusion LM, in one object: saved with the checkpoint and
+    passed whole to the loss, the bound and the decoder."""
+    block_size: int = 16            # B: tokens denoised together; blocks lie on the grid 0..B-1, B..2B-1, ...
+    mask_id: int = 0                # the [MASK] token
+    pattern: str = "block"          # attention: 'block' (the method), 'block_noisy' or 'bidirectional' (ablations)
+    token_shift: bool = False       # True: the logits at i-1 predict token i, as in the AR model
+    mask_half_life: float | None = 0.1  # lambda of position-dependent masking; None or 0: uniform
+    t_eps: float = 1e-3             # the noise level t ~ U(t_eps, 1)
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS[1:]:
+            raise ValueError(f"a dLM's attention must be one of {PATTERNS[1:]}, got {self.pattern!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+
+    @property
+    def beta(self):
+        """The masking bias beta = ln 2 / (lambda B): position i of a block is masked with
+        weight exp(beta (1 - t) i). 0 is uniform masking."""
+        return math.log(2) / (self.mask_half_life * self.block_size) if self.mask_half_life else 0.0
+
+
 # ----------------------------------------------------------------------------------------
-# Attention rules. Each pattern is ONE predicate on (query index, key index); the dense
-# boolean mask (SDPA, CPU, tests) and the FlexAttention BlockMask (GPU) are both built from it.
+# 2. Attention rules. Each pattern is ONE predicate on (query index, key index); the dense
+# boolean mask (SDPA: CPU, tests) and the FlexAttention BlockMask (GPU) are both built from it.
 
 def attention_rule(pattern, block_size, n_noisy=0):
     """mask_mod(b, h, q, kv) -> bool tensor: may query q attend to key kv?
@@ -91,8 +119,38 @@ def block_mask(mask_mod, q_len, kv_len, device):
     return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
 
 
+def layout_mask(pattern, block_size, L, device, flex=False):
+    """The attention mask of a training forward over L positions (2L inputs for `block`)."""
+    n = 2 * L if pattern == "block" else L
+    rule = attention_rule(pattern, block_size, n_noisy=L if pattern == "block" else 0)
+    if flex:
+        return block_mask(rule, n, n, device)
+    idx = torch.arange(n, device=device)
+    return dense_mask(rule, idx, idx)
+
+
+def draw_mask(pattern, L=4, B=2):
+    """The training mask of a pattern as text: '#' where a query (row) may attend to a key."""
+    m = layout_mask(pattern, B, L, "cpu")
+    names = [f"x_t {i}" for i in range(L)] + [f"x_0 {i}" for i in range(L)] if pattern == "block" else \
+            [f"x {i}" for i in range(L)]
+    keys = " ".join(str(i % L) for i in range(len(names)))
+    if pattern == "block":  # a gap between the two copies
+        keys = keys[:2 * L] + " " + keys[2 * L:]
+    rows = [f"{pattern}, L = {L}, B = {B}" + (": the input is [x_t ; x_0], both copies at positions 0..L-1"
+                                               if pattern == "block" else ""),
+            f"{'':7}{'x_t' if pattern == 'block' else 'x':<{2 * L + 1}}{'x_0' if pattern == 'block' else ''}",
+            f"{'':7}{keys}"]
+    for q, name in enumerate(names):
+        cells = " ".join("#" if a else "." for a in m[q].tolist())
+        if pattern == "block":
+            cells = cells[:2 * L] + " " + cells[2 * L:]
+        rows.append(f"{name:7}{cells}")
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------------------
-# Layers
+# 3. Layers
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -119,24 +177,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
-
-
-class KVCache(nn.Module):
-    """Static, preallocated keys and values (after RoPE) of one layer, written at given positions.
-    Slots that were never written, or hold stale values from an earlier call, are never read:
-    the attention mask only admits keys below the end of the tokens being run."""
-
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start, k, v):
-        T = k.size(2)
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
-        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -203,6 +243,27 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# ----------------------------------------------------------------------------------------
+# 4. The transformer and its KV cache
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values (after RoPE) of one layer, written at given positions.
+    Slots that were never written, or hold stale values from an earlier call, are never read:
+    the attention mask only admits keys below the end of the tokens being run."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        T = k.size(2)
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k, self.v
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -254,19 +315,9 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Block diffusion: the training input layout, the corruption, the loss and the any-order bound
+# 5. The diffusion objective: the training layout, the corruption, the loss and the bound
 
-def layout_mask(pattern, block_size, L, device, flex=False):
-    """The attention mask of a training forward over L positions (2L inputs for `block`)."""
-    n = 2 * L if pattern == "block" else L
-    rule = attention_rule(pattern, block_size, n_noisy=L if pattern == "block" else 0)
-    if flex:
-        return block_mask(rule, n, n, device)
-    idx = torch.arange(n, device=device)
-    return dense_mask(rule, idx, idx)
-
-
-def diffusion_logits(model, x_t, x_0, mask, pattern, block_size, token_shift=False):
+def diffusion_logits(model, x_t, x_0, mask, recipe):
     """Logits (b, L, V) predicting x_0 at every position from the noisy x_t.
 
     `block` runs [x_t ; x_0] (2L inputs, both halves at rotary positions 0..L-1) and reads the
@@ -276,78 +327,75 @@ def diffusion_logits(model, x_t, x_0, mask, pattern, block_size, token_shift=Fal
     prediction (zeros; the loss skips it)."""
     L = x_0.size(1)
     pos = torch.arange(L, device=x_0.device)
-    if pattern == "block":
+    if recipe.pattern == "block":
         idx, pos = torch.cat([x_t, x_0], 1), torch.cat([pos, pos])
     else:
         idx = x_t
-    if not token_shift:
+    if not recipe.token_shift:
         return model(idx, pos, mask, logits_slice=slice(0, L))
     logits = model(idx, pos, mask)
     prev = logits[:, :L - 1]
-    if pattern == "block":
-        first = torch.arange(1, L, device=x_0.device) % block_size == 0
+    if recipe.pattern == "block":
+        first = torch.arange(1, L, device=x_0.device) % recipe.block_size == 0
         prev = torch.where(first[None, :, None], logits[:, L:2 * L - 1], prev)
     return F.pad(prev, (0, 0, 1, 0))
 
 
-def mask_half_life_beta(half_life, block_size):
-    """The paper's half-life ratio lambda = ln 2 / (beta B); None or 0 is uniform masking."""
-    return math.log(2) / (half_life * block_size) if half_life else 0.0
-
-
-def corrupt(x_0, block_size, mask_id, t, k, beta=0.0, generator=None, maskable=None, u=None):
+def corrupt(x_0, recipe, t, k, beta, *, maskable=None, u=None, generator=None):
     """Mask exactly k[b, n] positions of each block n of each row, chosen by Gumbel-top-k over
     log-weights beta (1 - t) i (i = position in the block): beta > 0 masks later positions
     more, most so for small t. Vectorised over rows and blocks. Returns (x_t, masked).
     maskable (b, L) bool, optional: only these positions may be masked (k must not exceed
     their number in the block). u (b, L/B, B), optional: the uniform noise to use."""
     b, L = x_0.shape
-    i = torch.arange(block_size, device=x_0.device, dtype=torch.float32)
+    B = recipe.block_size
+    i = torch.arange(B, device=x_0.device, dtype=torch.float32)
     if u is None:
-        u = torch.rand(b, L // block_size, block_size, device=x_0.device, generator=generator)
+        u = torch.rand(b, L // B, B, device=x_0.device, generator=generator)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
     scores = beta * (1 - t)[..., None] * i + gumbel
     if maskable is not None:
         scores = scores.masked_fill(~maskable.view(scores.shape), -math.inf)
     rank = scores.argsort(-1, descending=True).argsort(-1)  # 0 = the highest score
     masked = (rank < k[..., None]).reshape(b, L)
-    return torch.where(masked, mask_id, x_0), masked
+    return torch.where(masked, recipe.mask_id, x_0), masked
 
 
-def diffusion_loss(model, x_0, mask, pattern, block_size, mask_id, half_life=None, eps=1e-3,
-                   token_shift=False, generator=None, maskable=None):
-    """The training loss (method.md sections 4-5): per block t ~ U(eps, 1), exactly round(t B)
-    positions masked, sum over masked positions of CE / t, divided by the tokens (b L).
-    With `maskable` (b, L) bool, round(t n) of the block's n maskable positions are masked
-    instead: the rest stay clean, as a prompt does when decoding."""
+def diffusion_loss(model, x_0, mask, recipe, maskable=None, generator=None):
+    """The training loss: per block t ~ U(t_eps, 1), exactly round(t B) positions masked (with
+    the recipe's position bias), the sum over masked positions of CE / t, divided by the
+    tokens (b L). With `maskable` (b, L) bool, round(t n) of the block's n maskable positions
+    are masked instead: the rest stay clean, as a prompt does when decoding."""
     b, L = x_0.shape
-    nb = L // block_size
+    B, eps = recipe.block_size, recipe.t_eps
+    nb = L // B
     # each row's noise in one draw: a batch then equals the same rows split into micro-batches
-    noise = torch.rand(b, nb, block_size + 1, device=x_0.device, generator=generator)
+    noise = torch.rand(b, nb, B + 1, device=x_0.device, generator=generator)
     t = eps + (1 - eps) * noise[..., 0]
-    n = block_size if maskable is None else maskable.view(b, nb, block_size).sum(-1)
+    n = B if maskable is None else maskable.view(b, nb, B).sum(-1)
     k = torch.round(t * n)
-    x_t, masked = corrupt(x_0, block_size, mask_id, t, k, mask_half_life_beta(half_life, block_size), generator,
-                          maskable, noise[..., 1:])
-    weight = masked / t.repeat_interleave(block_size, dim=1)
-    return _weighted_ce(model, x_t, x_0, mask, pattern, block_size, token_shift, weight) / (b * L)
+    x_t, masked = corrupt(x_0, recipe, t, k, recipe.beta, maskable=maskable, u=noise[..., 1:])
+    weight = masked / t.repeat_interleave(B, dim=1)
+    return _weighted_ce(model, x_t, x_0, mask, recipe, weight) / (b * L)
 
 
-def diffusion_bound(model, x_0, mask, pattern, block_size, mask_id, token_shift=False, generator=None):
-    """The any-order bound in nats per token (method.md section 5), comparable to AR val loss:
-    per block k ~ U{1..B}, a uniformly random k-subset masked, (1/k) sum of its CE; the mean
-    over blocks. Whatever the training masking was, this is scored with uniform masking."""
+def diffusion_bound(model, x_0, mask, recipe, generator=None):
+    """The any-order bound in nats per token, comparable to an AR model's val loss: per block
+    k ~ U{1..B}, a uniformly random k-subset masked, (1/k) sum of its CE; the mean over blocks.
+    Its expectation bounds the block-wise NLL from above. Whatever the training masking was,
+    this is scored with uniform masking."""
     b, L = x_0.shape
-    nb = L // block_size
-    k = torch.randint(1, block_size + 1, (b, nb), device=x_0.device, generator=generator).float()
-    x_t, masked = corrupt(x_0, block_size, mask_id, k / block_size, k, 0.0, generator)
-    weight = masked / k.repeat_interleave(block_size, dim=1)
-    return _weighted_ce(model, x_t, x_0, mask, pattern, block_size, token_shift, weight) / (b * nb)
+    B = recipe.block_size
+    nb = L // B
+    k = torch.randint(1, B + 1, (b, nb), device=x_0.device, generator=generator).float()
+    x_t, masked = corrupt(x_0, recipe, k / B, k, 0.0, generator=generator)
+    weight = masked / k.repeat_interleave(B, dim=1)
+    return _weighted_ce(model, x_t, x_0, mask, recipe, weight) / (b * nb)
 
 
-def _weighted_ce(model, x_t, x_0, mask, pattern, block_size, token_shift, weight):
-    logits = diffusion_logits(model, x_t, x_0, mask, pattern, block_size, token_shift)
-    if token_shift:
+def _weighted_ce(model, x_t, x_0, mask, recipe, weight):
+    logits = diffusion_logits(model, x_t, x_0, mask, recipe)
+    if recipe.token_shift:
         weight = weight.clone()
         weight[:, 0] = 0  # nothing predicts the first token
     ce = F.cross_entropy(logits.flatten(0, 1), x_0.flatten(), reduction="none")
@@ -355,10 +403,26 @@ def _weighted_ce(model, x_t, x_0, mask, pattern, block_size, token_shift, weight
 
 
 # ----------------------------------------------------------------------------------------
-# Decoding. All rows of a batch share the absolute positions (prompts are right-padded), so
+# 6. Decoding. All rows of a batch share the absolute positions (prompts are right-padded), so
 # one mask serves the batch; a row's tokens never depend on the other rows: prompt positions
 # are forced, positions past a row's end are never committed, and each row commits on its own
 # confidences.
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode, AR or dLM."""
+    threshold: float = 0.9          # dLM: commit every masked token at least this confident (and always the
+                                    # most confident one); 1.0: one token per forward
+    temperature: float = 0.0        # 0: greedy
+    top_k: int = 0                  # 0: no top-k filtering
+    fuse_commit: bool = True        # dLM: write a finished block into the cache in the next block's first forward
+    kv_cache: bool = True           # False recomputes the whole window every forward (the reference)
+    end_ids: tuple = field(default=())  # a row stops at the first of these it generates
+
+    def __post_init__(self):
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+
 
 class Window:
     """Runs spans of the token buffer `seq` (b, N) through the model and counts the forwards.
@@ -411,14 +475,14 @@ class Window:
         return self._run(start, hi, lo)
 
 
-def pick(logits, temperature=0.0, top_k=None, generator=None):
+def pick(logits, temperature=0.0, top_k=0, generator=None):
     """Token and its probability (the confidence) per position, without host syncs."""
     if temperature == 0:
         probs = torch.softmax(logits.double(), dim=-1)
         conf, tok = probs.max(dim=-1)
         return tok, conf
     logits = logits.double() / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -441,45 +505,37 @@ def _prompt_buffer(prompts, max_new_tokens, fill, device, pad_to=1):
     return seq, lens, limit
 
 
-def _is_end(tokens, end_id):
-    """Where tokens are an end token: end_id is one id or a list of them (e.g. Qwen's
-    <|endoftext|> and <|im_end|>)."""
-    ends = torch.as_tensor(end_id, device=tokens.device)
-    return torch.isin(tokens, ends)
-
-
-def _outputs(seq, lens, limit, end_id):
+def _outputs(seq, lens, limit, end_ids):
     """Each row's generated tokens, cut at its first end token (which is dropped)."""
-    ends = set() if end_id is None else set(end_id) if isinstance(end_id, (list, tuple)) else {end_id}
     out = []
     for r in range(seq.size(0)):
         toks = seq[r, lens[r]:limit[r]].tolist()
-        first = next((i for i, t in enumerate(toks) if t in ends), len(toks))
+        first = next((i for i, t in enumerate(toks) if t in end_ids), len(toks))
         out.append(toks[:first])
     return out
 
 
 @torch.no_grad()
-def generate_ar(model, prompts, max_new_tokens, temperature=0.0, top_k=None, end_id=None,
-                kv_cache=True, generator=None):
+def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=None):
     """Autoregressive decoding, one token per forward. Returns (list of token lists, stats)."""
     device = model.embed_tokens.weight.device
     seq, lens, limit = _prompt_buffer(prompts, max_new_tokens, 0, device)
-    window = Window(model, seq, attention_rule("causal", 1), kv_cache, fuse_prefill=True)
+    window = Window(model, seq, attention_rule("causal", 1), decoding.kv_cache, fuse_prefill=True)
+    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     steps = torch.zeros_like(lens)
     for p in range(int(lens.min()), int(limit.max())):
         logits = window(p - 1, p, clean_to=p)[:, -1]
-        tok, _ = pick(logits, temperature, top_k, generator)
+        tok, _ = pick(logits, decoding.temperature, decoding.top_k, generator)
         write = (p >= lens) & (p < limit) & ~done
         seq[:, p] = torch.where(write, tok, seq[:, p])
         steps += write
-        if end_id is not None:
-            done |= write & _is_end(tok, end_id)
+        if decoding.end_ids:
+            done |= write & torch.isin(tok, ends)
             if done.all():  # one host sync per token, only when there is an end token
                 break
     model.clear_cache()
-    return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
+    return _outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
 
 
 def block_logits(window, s, block_size, token_shift=False):
@@ -495,14 +551,12 @@ def block_logits(window, s, block_size, token_shift=False):
 
 
 @torch.no_grad()
-def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshold=0.9,
-                   temperature=0.0, top_k=None, end_id=None, pattern="block", kv_cache=True,
-                   token_shift=False, fuse_commit=True, generator=None, on_step=None):
-    """Block-parallel decoding of a block-diffusion LM (method.md section 6).
+def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), generator=None, on_step=None):
+    """Block-parallel decoding of a block-diffusion LM.
 
     Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free
     positions masked and each forward commits every masked position whose confidence is at
-    least `threshold`, and at least the most confident one, so a block takes at most B
+    least the threshold, and at least the most confident one, so a block takes at most B
     forwards. With the KV cache, a finished block must be written into the cache (its clean
     keys/values) before the next block can see it: with `fuse_commit` that happens in the first
     denoising forward of the next block, which runs [clean block k ; masked block k+1] under
@@ -513,16 +567,16 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
     stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
     row_forwards, per row the forwards spent on its own output (the steps in which it had masks
     left, and any separate commit passes between its blocks), which is what a row would cost alone."""
-    if pattern == "bidirectional" and kv_cache:
+    if recipe.pattern == "bidirectional" and decoding.kv_cache:
         raise ValueError("bidirectional attention has no exact KV cache: decode with kv_cache=False")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    B, device = block_size, model.embed_tokens.weight.device
-    seq, lens, limit = _prompt_buffer(prompts, max_new_tokens, mask_id, device, pad_to=B)
+    B, device, threshold = recipe.block_size, model.embed_tokens.weight.device, decoding.threshold
+    seq, lens, limit = _prompt_buffer(prompts, max_new_tokens, recipe.mask_id, device, pad_to=B)
     abs_pos = torch.arange(seq.size(1), device=device)
     free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
+    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    window = Window(model, seq, attention_rule(pattern, B), kv_cache, align=B, fuse_prefill=fuse_commit)
+    window = Window(model, seq, attention_rule(recipe.pattern, B), decoding.kv_cache, align=B,
+                    fuse_prefill=decoding.fuse_commit)
     steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
     for s in range(int(lens.min()) // B * B, int(limit.max()), B):
         block = seq[:, s:s + B]  # a view: commits write straight into seq
@@ -530,138 +584,29 @@ def generate_block(model, prompts, max_new_tokens, block_size, mask_id, threshol
         blocks += todo.any(-1)
         while todo.any():  # the one host sync per forward
             steps += todo.any(-1)
-            logits = block_logits(window, s, B, token_shift)
-            tok, conf = pick(logits, temperature, top_k, generator)
+            logits = block_logits(window, s, B, recipe.token_shift)
+            tok, conf = pick(logits, decoding.temperature, decoding.top_k, generator)
             conf = conf.masked_fill(~todo, -1.0)
             commit = todo & (conf >= threshold) if threshold < 1 else torch.zeros_like(todo)
             best = F.one_hot(conf.argmax(-1), B).bool()
             commit |= best & todo.any(-1, keepdim=True)  # always at least one per active row
             block.copy_(torch.where(commit, tok, block))
             todo &= ~commit
-            if end_id is not None:  # what follows a row's first end token is dropped: not decoded
-                ended = (_is_end(block, end_id) & free[:, s:s + B]).long()
+            if decoding.end_ids:  # what follows a row's first end token is dropped: not decoded
+                ended = (torch.isin(block, ends) & free[:, s:s + B]).long()
                 todo &= (ended.cumsum(-1) - ended) == 0
             if on_step is not None:
                 on_step(s, block, commit)
-        if end_id is not None:  # the block holding a row's end token is its last
-            done |= (_is_end(block, end_id) & free[:, s:s + B]).any(-1)
+        if decoding.end_ids:  # the block holding a row's end token is its last
+            done |= (torch.isin(block, ends) & free[:, s:s + B]).any(-1)
             if done.all():
                 break
     model.clear_cache()
-    row_forwards = steps + (blocks - 1).clamp(min=0) * (kv_cache and not fuse_commit)
-    return _outputs(seq, lens, limit, end_id), dict(forward_passes=window.forwards, row_forwards=row_forwards.tolist())
+    row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
+    return _outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards,
+                                                              row_forwards=row_forwards.tolist())
 
 
-# ----------------------------------------------------------------------------------------
-# LoRA: low-rank adapters on every attention and MLP linear, folded into plain weights on save
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoRALinear(nn.Module):
-    """base(x) + (alpha / rank) B A x, the base frozen; B starts at zero, so the model starts
-    unchanged."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-
-    def delta(self):  # s B A, in float32 at least
-        dt = torch.promote_types(self.lora_B.dtype, torch.float32)
-        return self.scale * (self.lora_B.to(dt) @ self.lora_A.to(dt))
-
-
-def add_lora(model, rank, alpha, train_others=True):
-    """Wraps the LORA_TARGETS linears in LoRALinear and freezes them; the embeddings, norms and
-    head stay trainable if train_others (the paper's choice), else frozen too."""
-    for p in model.parameters():
-        p.requires_grad_(train_others)
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LORA_TARGETS:
-                if not hasattr(parent, name):
-                    continue
-                base = getattr(parent, name)
-                base.requires_grad_(False)
-                setattr(parent, name, LoRALinear(base, rank, alpha))
-    return model
-
-
-def merged_state_dict(model):
-    """The state dict of a plain Transformer: each LoRALinear folded into its weight (W + s B A)."""
-    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            w = m.base.weight
-            state[name + ".weight"] = (w + m.delta()).to(w.dtype).detach()
-    return state
-
-
-def lora_state_dict(model):
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
-
-
-def load_lora(model, merged, lora):
-    """Restores a LoRA run saved as merged weights and its adapters: the frozen weight is the
-    merged one less the adapters' product (equal to the original up to float rounding)."""
-    wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    state = dict(lora)
-    for k, v in merged.items():
-        prefix, _, leaf = k.rpartition(".")
-        state[f"{prefix}.base.{leaf}" if prefix in wrapped else k] = v
-    model.load_state_dict(state)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.base.weight.copy_((m.base.weight - m.delta()).to(m.base.weight.dtype))
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable, unsafe or of the wrong shape (a one-line reason)."""
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True: our checkpoints hold tensors and plain Python values
-    only, so a file that needs anything else (a pickle that could run code) is refused."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one first or pass the right --out_dir")
-    try:
-        # memory-mapped: tensors are read when used, so a big checkpoint is not held twice
-        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain values, refused for safety "
-                              f"({str(e).splitlines()[0][:120]}); it is not a checkpoint of ours") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
-                              f"use an earlier copy or train again") from None
-    missing = {"model", "model_args", "config", "meta"} - set(checkpoint) if isinstance(checkpoint, dict) else {"model"}
-    if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
-    # a checkpoint saved from a compiled model would carry '_orig_mod.' in its keys
-    checkpoint["model"] = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
-    return checkpoint
-
-
-def model_from(checkpoint, path, **overrides):
-    """The Transformer of a loaded checkpoint, its weights checked against the architecture."""
-    model = Transformer(ModelConfig(**dict(checkpoint["model_args"], **overrides)))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first mismatch torch lists
-        raise CheckpointError(f"{path}: the weights do not fit the architecture recorded with them ({first[:160]})") from None
-    return model
-
-
-def from_checkpoint(out_dir, device="cpu"):
-    """The model of a train.py checkpoint, with its training config and vocabulary (meta)."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(path, device)
-    return model_from(checkpoint, path).to(device).eval(), checkpoint["config"], checkpoint["meta"]
+if __name__ == "__main__":
+    print("Who may attend to whom in a training forward ('#': the row's query sees the column's key).\n")
+    print("\n\n".join(draw_mask(p) for p in ("block", "causal", "block_noisy", "bidirectional")))

@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import CharTokenizer
 from configurator import configure
-from model import (ModelConfig, Transformer, Window, attention_rule, block_logits, block_mask, corrupt,
-                   dense_mask, diffusion_bound, diffusion_logits, diffusion_loss, generate_ar,
-                   generate_block, layout_mask, mask_half_life_beta)
+from model import (Decoding, ModelConfig, Recipe, Transformer, Window, attention_rule, block_logits, block_mask,
+                   corrupt, dense_mask, diffusion_bound, diffusion_logits, diffusion_loss, generate_ar,
+                   generate_block, layout_mask)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +46,7 @@ def tiny_model(seed=0, sharp=60.0, **kw):
 # attention rules
 
 def brute_force_mask(pattern, L, B):
-    """method.md section 3, written out position by position."""
+    """The four attention rules, written out position by position."""
     blk = lambda i: i // B
     n = 2 * L if pattern == "block" else L
     m = torch.zeros(n, n, dtype=torch.bool)
@@ -75,7 +76,7 @@ def test_dense_mask_matches_brute_force(pattern, L, B):
 
 
 def test_block_layout_sparsity():
-    # about three quarters of the 2L x 2L block mask is empty (method.md section 3)
+    # about three quarters of the 2L x 2L block mask is empty
     m = layout_mask("block", 16, 256, "cpu")
     assert 0.70 < 1 - m.float().mean().item() < 0.76
 
@@ -111,7 +112,7 @@ def test_block_layout_matches_clean_stream_and_cache():
     model = tiny_model(sharp=1.0)
     L, B, mask_id = 32, 8, 23
     x_0 = torch.randint(0, 23, (2, L))
-    x_t, _ = corrupt(x_0, B, mask_id, torch.full((2, L // B), 0.5), torch.full((2, L // B), 4.0))
+    x_t, _ = corrupt(x_0, Recipe(block_size=B, mask_id=mask_id), torch.full((2, L // B), 0.5), torch.full((2, L // B), 4.0), 0.0)
     pos = torch.arange(L)
     logits = model(torch.cat([x_t, x_0], 1), torch.cat([pos, pos]), layout_mask("block", B, L, "cpu"))
     # the clean half is the clean sequence run alone, block-causally
@@ -142,7 +143,8 @@ def test_decoding_logits_equal_training_layout(pattern, shift):
         x_t = x_0.clone()
         x_t[:, k * B:(k + 1) * B] = mask_id
         x_t[0, k * B + 3] = x_0[0, k * B + 3]  # a partly unmasked block too
-        ref = diffusion_logits(model, x_t, x_0, layout_mask(pattern, B, L, "cpu"), pattern, B, shift)
+        recipe = Recipe(block_size=B, mask_id=mask_id, pattern=pattern, token_shift=shift)
+        ref = diffusion_logits(model, x_t, x_0, layout_mask(pattern, B, L, "cpu"), recipe)
         seq = torch.cat([x_0[:, :k * B], x_t[:, k * B:(k + 1) * B]], 1)
         for kv in (True, False):
             window = Window(model, seq, attention_rule(pattern, B), kv_cache=kv, align=B)
@@ -163,8 +165,8 @@ def test_ar_cache_equals_recompute():
     model = tiny_model(context_len=32)
     prompts = prompts_of([5, 11])
     # 60 new tokens with a 32-token context: the window slides, and both paths must agree
-    cached, stats = generate_ar(model, prompts, 60, kv_cache=True)
-    full, _ = generate_ar(model, prompts, 60, kv_cache=False)
+    cached, stats = generate_ar(model, prompts, 60, Decoding(kv_cache=True))
+    full, _ = generate_ar(model, prompts, 60, Decoding(kv_cache=False))
     assert cached == full
     assert stats["forward_passes"] > 60 - 5  # the re-prefill after a slide counts
 
@@ -174,10 +176,10 @@ def test_ar_cache_equals_recompute():
 def test_block_decoding_cache_equals_recompute(threshold, pattern, shift):
     model = tiny_model(context_len=32)
     prompts = prompts_of([3, 13])
-    args = dict(max_new_tokens=70, block_size=8, mask_id=23, threshold=threshold, pattern=pattern, token_shift=shift)
-    full, full_stats = generate_block(model, prompts, kv_cache=False, **args)
+    recipe = Recipe(block_size=8, mask_id=23, pattern=pattern, token_shift=shift)
+    full, full_stats = generate_block(model, prompts, 70, recipe, Decoding(threshold, kv_cache=False))
     for fuse in (True, False):  # the commit fused into the next block's first forward, or its own pass
-        cached, stats = generate_block(model, prompts, kv_cache=True, fuse_commit=fuse, **args)
+        cached, stats = generate_block(model, prompts, 70, recipe, Decoding(threshold, kv_cache=True, fuse_commit=fuse))
         assert cached == full
     assert all(len(o) == 70 for o in cached)
     if threshold < 0.8:  # the test must exercise parallel commits
@@ -187,15 +189,17 @@ def test_block_decoding_cache_equals_recompute(threshold, pattern, shift):
 def test_batch_rows_are_independent():
     model = tiny_model(context_len=48)
     prompts = prompts_of([2, 9, 17, 30, 53])  # the last is longer than the context
-    for end_id in (None, 13):
-        batch, _ = generate_block(model, prompts, 40, 8, 23, threshold=0.8, end_id=end_id)
+    recipe = Recipe(block_size=8, mask_id=23)
+    for end_ids in ((), (13,)):
+        decoding = Decoding(threshold=0.8, end_ids=end_ids)
+        batch, _ = generate_block(model, prompts, 40, recipe, decoding)
         for p, out in zip(prompts, batch):
-            alone, _ = generate_block(model, [p], 40, 8, 23, threshold=0.8, end_id=end_id)
+            alone, _ = generate_block(model, [p], 40, recipe, decoding)
             assert out == alone[0]
-        batch, _ = generate_ar(model, prompts, 40, end_id=end_id)
+        batch, _ = generate_ar(model, prompts, 40, Decoding(end_ids=end_ids))
         for p, out in zip(prompts, batch):
-            assert out == generate_ar(model, [p], 40, end_id=end_id)[0][0]
-    lengths = [len(o) for o in generate_block(model, prompts, 40, 8, 23, threshold=0.8, end_id=13)[0]]
+            assert out == generate_ar(model, [p], 40, Decoding(end_ids=end_ids))[0][0]
+    lengths = [len(o) for o in generate_block(model, prompts, 40, recipe, Decoding(threshold=0.8, end_ids=(13,)))[0]]
     assert min(lengths) < 40  # rows did stop at the end token, each on its own
 
 
@@ -205,7 +209,8 @@ def count_steps(model, prompts, max_new, B, threshold, **kw):
     def on_step(s, block, committed):
         steps[s] = steps.get(s, 0) + 1
         assert committed.sum(-1).max() >= 1
-    out, stats = generate_block(model, prompts, max_new, B, 23, threshold=threshold, on_step=on_step, **kw)
+    out, stats = generate_block(model, prompts, max_new, Recipe(block_size=B, mask_id=23), Decoding(threshold, **kw),
+                                on_step=on_step)
     return out, stats, steps
 
 
@@ -244,13 +249,15 @@ def test_masker_masks_exactly_round_t_b_per_block():
     t = torch.rand(64, 8, generator=g)
     k = torch.round(t * B)
     for lam in (None, 0.1, 0.25):
-        x_t, masked = corrupt(x_0, B, 99, t, k, mask_half_life_beta(lam, B), g)
+        recipe = Recipe(block_size=B, mask_id=99, mask_half_life=lam)
+        x_t, masked = corrupt(x_0, recipe, t, k, recipe.beta, generator=g)
         assert torch.equal(masked.view(64, 8, B).sum(-1).float(), k)
         assert torch.equal(x_t == 99, masked) and torch.equal(x_t[~masked], x_0[~masked])
     # only maskable positions are masked, round(t n) of the block's n
     maskable = torch.rand(64, 8 * B, generator=g) < 0.4
     n = maskable.view(64, 8, B).sum(-1)
-    _, masked = corrupt(x_0, B, 99, t, torch.round(t * n), mask_half_life_beta(0.1, B), g, maskable)
+    recipe = Recipe(block_size=B, mask_id=99, mask_half_life=0.1)
+    _, masked = corrupt(x_0, recipe, t, torch.round(t * n), recipe.beta, maskable=maskable, generator=g)
     assert not masked[~maskable].any()
     assert torch.equal(masked.view(64, 8, B).sum(-1).float(), torch.round(t * n))
 
@@ -258,7 +265,8 @@ def test_masker_masks_exactly_round_t_b_per_block():
 def position_frequencies(lam, B=16, t=1 / 16, n=20000, seed=0):
     g = torch.Generator().manual_seed(seed)
     tt = torch.full((n, 1), t)
-    _, masked = corrupt(torch.zeros(n, B, dtype=torch.long), B, 1, tt, torch.round(tt * B), mask_half_life_beta(lam, B), g)
+    recipe = Recipe(block_size=B, mask_id=1, mask_half_life=lam)
+    _, masked = corrupt(torch.zeros(n, B, dtype=torch.long), recipe, tt, torch.round(tt * B), recipe.beta, generator=g)
     return masked.double().mean(0)
 
 
@@ -297,12 +305,12 @@ def test_diffusion_loss_by_hand():
     x_0 = torch.randint(0, 5, (b, L))
     logits = torch.randn(b, L, V, dtype=torch.float64, requires_grad=True)
     mask = layout_mask("block", B, L, "cpu")
-    loss = diffusion_loss(FixedLogits(logits), x_0, mask, "block", B, mask_id, 0.1, 1e-3,
-                          generator=torch.Generator().manual_seed(3))
+    recipe = Recipe(block_size=B, mask_id=mask_id, mask_half_life=0.1, t_eps=1e-3)
+    loss = diffusion_loss(FixedLogits(logits), x_0, mask, recipe, generator=torch.Generator().manual_seed(3))
     # replay the same draws: per block t, then the masker's noise
     noise = torch.rand(b, L // B, B + 1, generator=torch.Generator().manual_seed(3))
     t = 1e-3 + (1 - 1e-3) * noise[..., 0]
-    _, masked = corrupt(x_0, B, mask_id, t, torch.round(t * B), mask_half_life_beta(0.1, B), u=noise[..., 1:])
+    _, masked = corrupt(x_0, recipe, t, torch.round(t * B), math.log(2) / (0.1 * B), u=noise[..., 1:])
     total = 0.0
     for r in range(b):
         for i in range(L):
@@ -319,10 +327,11 @@ def test_any_order_bound_by_hand():
     b, L, B, V = 2, 8, 4, 6
     x_0 = torch.randint(0, 5, (b, L))
     logits = torch.randn(b, L, V, dtype=torch.float64)
-    bound = diffusion_bound(FixedLogits(logits), x_0, None, "block", B, 5, generator=torch.Generator().manual_seed(4))
+    recipe = Recipe(block_size=B, mask_id=5)
+    bound = diffusion_bound(FixedLogits(logits), x_0, None, recipe, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
     k = torch.randint(1, B + 1, (b, L // B), generator=g).float()
-    _, masked = corrupt(x_0, B, 5, k / B, k, 0.0, g)
+    _, masked = corrupt(x_0, recipe, k / B, k, 0.0, generator=g)
     ce = -torch.log_softmax(logits, -1).gather(-1, x_0[..., None])[..., 0]
     per_block = [(ce[r, n * B:(n + 1) * B] * masked[r, n * B:(n + 1) * B]).sum() / k[r, n]
                  for r in range(b) for n in range(L // B)]
@@ -342,7 +351,7 @@ def test_loss_does_not_depend_on_gradient_accumulation(mode):
     def loss(rows, g):
         if mode == "ar":
             return F.cross_entropy(model(rows[:, :-1], torch.arange(15), mask[:15, :15]).flatten(0, 1), rows[:, 1:].flatten())
-        return diffusion_loss(model, rows, mask, "block", B, 11, 0.1, generator=g)
+        return diffusion_loss(model, rows, mask, Recipe(block_size=B, mask_id=11, mask_half_life=0.1), generator=g)
 
     def grads(micro):
         model.zero_grad()
@@ -356,6 +365,13 @@ def test_loss_does_not_depend_on_gradient_accumulation(mode):
 # ----------------------------------------------------------------------------------------
 # the scripts, end to end on a tiny run
 
+def link_scripts(d):
+    """The project's scripts, linked into a working directory of a test's own."""
+    for f in os.listdir(HERE):
+        if f.endswith(".py") and not f.startswith("test_"):
+            os.symlink(os.path.join(HERE, f), os.path.join(d, f))
+
+
 def run(*args, cwd):
     r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
     return r.returncode, r.stdout, r.stderr
@@ -364,8 +380,7 @@ def run(*args, cwd):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
-    for f in ("train.py", "sample.py", "model.py", "configurator.py", "bench.py"):
-        os.symlink(os.path.join(HERE, f), d / f)
+    link_scripts(d)
     os.makedirs(d / "data" / "shakespeare_char")
     text = d / "input.txt"
     if os.path.exists(SHAKESPEARE):
@@ -510,11 +525,9 @@ def test_configurator_errors(tmp_path):
 @pytest.mark.parametrize("path", sorted(f"config/{f}" for f in os.listdir(os.path.join(HERE, "config")) if f.endswith(".py")))
 def test_config_files_parse(path):
     """Every shipped config sets known settings of the right types (train.py's defaults)."""
-    import ast as _ast
-    src = open(os.path.join(HERE, "train.py")).read()
-    block = src[src.index("# default settings"):src.index("defaults = {")]
-    defaults = {}
-    exec(compile(_ast.parse(block), "train.py", "exec"), {}, defaults)
+    from configurator import settings
+    defaults = {k: v for k, (v, _) in settings(os.path.join(HERE, "train.py")).items()}
+    assert {"out_dir", "mode", "block_size", "mask_half_life", "max_iters", "device"} <= set(defaults)
     cfg = configure(defaults, [os.path.join(HERE, path)], nullable={"mask_half_life"})
     assert cfg["out_dir"] != defaults["out_dir"]
 
@@ -595,7 +608,7 @@ def test_kill_during_save_keeps_a_loadable_checkpoint(workdir, ar_run):
     import random
     import shutil
     import time
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     shutil.copytree(ar_run, workdir / "out-kill", dirs_exist_ok=True)
     rng = random.Random(0)
     for _ in range(4):
@@ -748,6 +761,8 @@ def test_answer_checker():
 
 
 TASK_META = dict(itos=list("abcdefgh=, ") + ["[MASK]", "[END]"], mask_id=11, end_id=12)
+TASK_TOKENIZER = CharTokenizer(TASK_META["itos"], 11)
+TASK_RECIPE = lambda B: Recipe(block_size=B, mask_id=11)
 TASK_PROBLEMS = [dict(task="rev", prompt="cab=", answer="bac"), dict(task="rev", prompt="hgfedcba=", answer="abcdefgh"),
                  dict(task="dup", prompt="ab=", answer="abab"), dict(task="dup", prompt="abcdefg=", answer="abcdefgabcdefg"),
                  dict(task="sort", prompt="hcb=", answer="bch")]
@@ -783,8 +798,8 @@ class Oracle(torch.nn.Module):
 def test_task_evaluation_with_an_oracle(threshold, fuse):
     from bench import decoder, evaluate
     B = 4
-    result = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=False), TASK_META, True, threshold, B, fuse_commit=fuse),
-                      TASK_PROBLEMS, TASK_META, batch_size=len(TASK_PROBLEMS))
+    decode = decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=False), TASK_RECIPE(B), Decoding(threshold, fuse_commit=fuse, end_ids=(12,)))
+    result = evaluate(decode, TASK_PROBLEMS, TASK_TOKENIZER, batch_size=len(TASK_PROBLEMS))
     assert result["average"] == 100.0
     # what the rule needs per answer: with certainty everywhere, one forward per block (one per
     # token at threshold 1.0), and unfused a commit pass between blocks; nothing after the end token
@@ -797,17 +812,17 @@ def test_task_evaluation_with_an_oracle(threshold, fuse):
         forwards[p["task"]] = forwards.get(p["task"], 0) + steps + (blocks - 1) * (not fuse)
     assert abs(result["tokens_per_forward"] - sum(tokens.values()) / sum(forwards.values())) < 1e-12
     assert all(abs(result["task_tokens_per_forward"][t] - tokens[t] / forwards[t]) < 1e-12 for t in tokens)
-    ar = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=True), TASK_META, False), TASK_PROBLEMS, TASK_META)
+    ar = evaluate(decoder(Oracle(TASK_PROBLEMS, TASK_META, ar=True), None, Decoding(end_ids=(12,))), TASK_PROBLEMS, TASK_TOKENIZER)
     assert ar["average"] == 100.0 and ar["tokens_per_forward"] == 1.0
 
 
 def test_task_evaluation_with_uniform_logits():
     from bench import decoder, evaluate
     uniform = Oracle(TASK_PROBLEMS, TASK_META, ar=False, sure=False)
-    result = evaluate(decoder(uniform, TASK_META, True, 0.9, 4), TASK_PROBLEMS, TASK_META, batch_size=2)
+    result = evaluate(decoder(uniform, TASK_RECIPE(4), Decoding(0.9, end_ids=(12,))), TASK_PROBLEMS, TASK_TOKENIZER, batch_size=2)
     assert result["average"] == 0.0
     steps = []
-    generate_block(uniform, [[0, 1, 2]], 9, 4, 11, 0.9, on_step=lambda s, blk, c: steps.append(int(c.sum())))
+    generate_block(uniform, [[0, 1, 2]], 9, TASK_RECIPE(4), Decoding(0.9), on_step=lambda s, blk, c: steps.append(int(c.sum())))
     assert steps == [1] * 9  # nothing is confident: one token per forward
 
 
@@ -830,7 +845,7 @@ class ReadsTheAnswer(torch.nn.Module):
 
 def test_accuracy_by_distance_against_a_brute_force_count():
     from bench import accuracy_by_distance
-    B, config = 4, dict(block_size=4, attention="block", token_shift=False)
+    B, recipe = 4, Recipe(block_size=4, mask_id=11, pattern="block", token_shift=False)
     want = {}  # task -> d -> masked positions d past the last clean token, one state at a time
     for p in TASK_PROBLEMS:
         start, end = len(p["prompt"]), len(p["prompt"]) + len(p["answer"]) + 1
@@ -839,7 +854,7 @@ def test_accuracy_by_distance_against_a_brute_force_count():
                 cells = want.setdefault(p["task"], {})
                 cells[q - first + 1] = cells.get(q - first + 1, 0) + 1
     for off_by_one in (False, True):
-        got = accuracy_by_distance(ReadsTheAnswer(off_by_one), config, TASK_META, TASK_PROBLEMS)
+        got = accuracy_by_distance(ReadsTheAnswer(off_by_one), recipe, TASK_TOKENIZER, 12, TASK_PROBLEMS)
         assert {t: {c["d"]: c["n"] for c in cells} for t, cells in got.items()} == want
         for c in (c for cells in got.values() for c in cells):  # distinct letters: one behind is always wrong
             right = 100.0 if not off_by_one or c["d"] == 1 else 0.0
@@ -924,8 +939,8 @@ def tiny_hf_model(kind, dtype):
 @pytest.mark.parametrize("kind,dtype,shard", [("qwen3", torch.float32, False), ("qwen2", torch.float32, True),
                                               ("qwen3", torch.bfloat16, True)])
 def test_convert_qwen_matches_transformers(tmp_path, kind, dtype, shard):
+    from checkpoint import load_run
     from convert_qwen import convert
-    from model import from_checkpoint
     tiny_hf_model(kind, dtype).save_pretrained(tmp_path / "hf", max_shard_size="40KB" if shard else "1GB")
     hf = tiny_hf_model(kind, torch.float32)  # the reference: the same weights, rounded to dtype, in float32
     with torch.no_grad():
@@ -934,8 +949,9 @@ def test_convert_qwen_matches_transformers(tmp_path, kind, dtype, shard):
     assert (tmp_path / "hf" / ("model.safetensors.index.json" if shard else "model.safetensors")).exists()
     hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
     convert(tmp_path / "hf", tmp_path / "ours", dtype="float32")
-    ours, config, meta = from_checkpoint(tmp_path / "ours")
-    assert config["mode"] == "ar" and meta["mask_id"] < 640 and meta["end_id"] is not None
+    run = load_run(tmp_path / "ours")
+    ours, config, meta = run.model, run.config, run.meta
+    assert config["mode"] == "ar" and run.recipe is None and meta["mask_id"] < 640 and meta["end_id"] is not None
     x = torch.randint(0, 640, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(x).logits
@@ -982,8 +998,7 @@ def test_qwen_convert_prepare_train_sample(tmp_path):
     hf = tiny_hf_model("qwen3", torch.float32)
     hf.save_pretrained(tmp_path / "hf")
     hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
-    for f in ("train.py", "sample.py", "model.py", "configurator.py", "convert_qwen.py", "bench.py"):
-        os.symlink(os.path.join(HERE, f), tmp_path / f)
+    link_scripts(tmp_path)
     os.makedirs(tmp_path / "data" / "text")
     os.symlink(os.path.join(HERE, "data", "text", "prepare.py"), tmp_path / "data" / "text" / "prepare.py")
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(dict(text=t)) + "\n" for t in TEXTS * 4))
@@ -1011,7 +1026,7 @@ def test_qwen_convert_prepare_train_sample(tmp_path):
 
 
 def test_lora():
-    from model import add_lora, load_lora, lora_state_dict, merged_state_dict
+    from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
     base = tiny_model(sharp=1.0)
     x, pos, mask = torch.randint(0, 23, (2, 12)), torch.arange(12), torch.ones(12, 12, dtype=torch.bool).tril()
     want = base(x, pos, mask)
@@ -1052,8 +1067,8 @@ def test_every_ablation_config_runs(tmp_path):
     """ablate.py over every config in config/ablate, 2 iterations each from a tiny AR run on the
     task data: each run's checkpoint has the one setting its config changes, the table names
     every variant, and a second call trains nothing again."""
-    for f in ("train.py", "model.py", "configurator.py", "bench.py", "convert_qwen.py", "ablate.py", "config"):
-        os.symlink(os.path.join(HERE, f), tmp_path / f)
+    link_scripts(tmp_path)
+    os.symlink(os.path.join(HERE, "config"), tmp_path / "config")
     code, out, err = run(os.path.join(HERE, "data", "tasks", "prepare.py"), "--n_train=200", "--n_val=40", "--n_test=3",
                          f"--out_dir={tmp_path / 'data' / 'tasks'}", cwd=tmp_path)
     assert code == 0, err

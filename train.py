@@ -27,12 +27,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
-from model import (PATTERNS, CheckpointError, ModelConfig, Transformer, add_lora, diffusion_bound, diffusion_loss,
-                   layout_mask, load_checkpoint, load_lora, lora_state_dict, merged_state_dict, model_from)
+from checkpoint import CheckpointError, load_checkpoint, model_from, recipe_record, save_checkpoint
+from configurator import load_config, resolve_device, resolve_dtype, settings
+from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
+from model import PATTERNS, ModelConfig, Recipe, Transformer, diffusion_bound, diffusion_loss, layout_mask
 
 # -----------------------------------------------------------------------------
-# default settings; override with config/x.py files and --key=value
+# settings: override them with config/x.py files and --key=value (--help lists them)
 # I/O
 out_dir = "out"
 init_from = "scratch"       # 'scratch', 'resume' (from out_dir), or the out_dir of another run
@@ -89,27 +90,18 @@ seed = 1337
 backend = "nccl"            # DDP backend on CUDA ('gloo' is used on CPU)
 fsdp = False                # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 # -----------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
-globals().update(configure(defaults, nullable={"mask_half_life"}))
-config = {k: globals()[k] for k in defaults}
+config = load_config(globals(), nullable={"mask_half_life"})
+defaults = {k: v for k, (v, _) in settings(__file__).items()}
 # -----------------------------------------------------------------------------
 
 if mode not in ("ar", "dlm"):
-    sys.exit(f"error: mode must be 'ar' or 'dlm', got '{mode}'")
+    sys.exit(f"error: mode must be 'ar' or 'dlm', got '{mode}' (--mode)")
 if mode == "dlm" and attention not in PATTERNS[1:]:
-    sys.exit(f"error: attention must be one of {PATTERNS[1:]} for mode='dlm', got '{attention}'")
-if mode == "dlm" and context_len % block_size:
+    sys.exit(f"error: attention must be one of {PATTERNS[1:]} for mode='dlm', got '{attention}' (--attention)")
+if mode == "dlm" and (block_size < 1 or context_len % block_size):
     sys.exit(f"error: block_size {block_size} must divide context_len {context_len} (blocks lie on a fixed grid)")
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device.startswith("cuda") and not torch.cuda.is_available():
-    sys.exit("error: device='cuda' but CUDA is not available here; use --device=cpu")
-if dtype == "auto":
-    dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-if dtype not in ("float32", "bfloat16", "float16"):
-    sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got '{dtype}'")
-if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-    sys.exit("error: this GPU does not support bfloat16; use --dtype=float16 (or float32)")
+device = resolve_device(device)
+ptdtype = resolve_dtype(dtype, device)
 
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -127,27 +119,30 @@ else:
     rank, world_size = 0, 1
 master = rank == 0
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * context_len
-if master:
-    os.makedirs(out_dir, exist_ok=True)
+if master:  # out_dir is made by the first save, so a run that fails before leaves nothing behind
     print(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed + rank)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: token files of the dtype recorded in meta.json
 data_dir = os.path.join("data", dataset)
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.exists(meta_path):
-    sys.exit(f"error: {meta_path} not found; run python data/{dataset}/prepare.py first")
+    if os.path.exists(os.path.join(data_dir, "prepare.py")):
+        sys.exit(f"error: {meta_path} not found; run python data/{dataset}/prepare.py first")
+    known = sorted(d for d in os.listdir("data") if os.path.exists(os.path.join("data", d, "prepare.py"))) \
+        if os.path.isdir("data") else []
+    sys.exit(f"error: {meta_path} not found: no dataset '{dataset}' is prepared; --dataset names a folder of data/ "
+             f"made by a prepare.py ({', '.join(known) or 'none here'})")
 with open(meta_path) as f:
     meta = json.load(f)
 if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
     sys.exit(f"error: {meta_path} has mask_id {meta.get('mask_id')} outside the vocabulary of {meta['vocab_size']}; "
              f"a dLM needs a mask token: run the dataset's prepare.py again")
-if master and meta.get("tokenizer") == "tiktoken":  # sample.py finds the tokenizer beside the checkpoint
-    for f in ("tokenizer.tiktoken", "tokenizer.json"):
-        shutil.copy(os.path.join(data_dir, f), os.path.join(out_dir, f))
+# the block-diffusion recipe, built once: the loss, the bound and (from the checkpoint) the decoder read it
+recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
+                mask_half_life=mask_half_life, t_eps=t_eps) if mode == "dlm" else None
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
@@ -200,9 +195,9 @@ if init_from != "scratch":
     src_dir = out_dir if init_from == "resume" else init_from
     ckpt_path = os.path.join(src_dir, "ckpt.pt")
     try:
-        checkpoint = load_checkpoint(ckpt_path, device)
+        checkpoint = load_checkpoint(ckpt_path, device, flag="--out_dir" if init_from == "resume" else "--init_from")
     except CheckpointError as e:
-        sys.exit(f"error: {e} (init_from='{init_from}')")
+        sys.exit(f"error: {e}")
     for key, value in checkpoint["model_args"].items():  # the architecture comes with the weights
         if key in config and key != "context_len" and config[key] != defaults[key] and config[key] != value:
             sys.exit(f"error: {key}={config[key]!r} was asked for but {ckpt_path} has {key}={value!r}; "
@@ -220,7 +215,8 @@ if init_from != "scratch":
                          f"{config[key]!r} was given; resume with the run's own config file")
         config["init_from"] = checkpoint["config"]["init_from"]  # keep the record of the source run
     else:
-        config["init_from"] = os.path.abspath(src_dir)  # the source run, e.g. the AR baseline of a conversion
+        config["init_from"] = src_dir  # the source run, e.g. the AR baseline of a conversion, as given (a relative
+                                        # path keeps working when the repository moves)
 try:
     model = Transformer(ModelConfig(**model_args)) if checkpoint is None else model_from(checkpoint, ckpt_path, **model_args)
 except CheckpointError as e:
@@ -309,9 +305,8 @@ def compute_loss(model, batch, generator, eval_bound=False):
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
     x_0 = x[:, :-1]
     if eval_bound:
-        return diffusion_bound(model, x_0, mask, attention, block_size, meta["mask_id"], token_shift, generator)
-    return diffusion_loss(model, x_0, mask, attention, block_size, meta["mask_id"], mask_half_life, t_eps,
-                          token_shift, generator, maskable)
+        return diffusion_bound(model, x_0, mask, recipe, generator)
+    return diffusion_loss(model, x_0, mask, recipe, maskable, generator)
 
 
 @torch.no_grad()
@@ -325,7 +320,7 @@ def estimate_loss():
         device_gen = gen if device_type == "cpu" else torch.Generator(device).manual_seed(seed)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            with ctx:
+            with autocast:
                 losses[k] = compute_loss(model, get_batch(split, gen), device_gen, eval_bound=True).item()
         out[split] = losses.mean().item()
     model.train()
@@ -341,7 +336,7 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def save_checkpoint():
+def save_run():
     """Called by every process that evaluates; under FSDP all of them gather the full state, the
     master writes it."""
     # LoRA runs are saved merged (a plain model for sample.py and init_from) with their adapters beside
@@ -349,23 +344,17 @@ def save_checkpoint():
     optim_state = optimizer_state()
     if not master:
         return
-    ckpt = dict(model=model_state, optimizer=optim_state, model_args=model_args,
+    ckpt = dict(model=model_state, optimizer=optim_state, model_args=model_args, recipe=recipe_record(recipe),
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta,
                 **(dict(lora=lora_state_dict(raw_model)) if lora_rank else {}))
-    path = os.path.join(out_dir, "ckpt.pt")
-    # write a temporary file and rename it over the old one: a crash mid-save keeps the old checkpoint
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # e.g. a full disk: keep the previous checkpoint, drop the partial one
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        sys.exit(f"error: could not save {path} at iteration {iter_num} ({e}); the previous checkpoint is "
-                 f"kept: free space and continue with --init_from=resume")
+        save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
+    except CheckpointError as e:
+        sys.exit(f"error: {e} at iteration {iter_num}; the previous checkpoint is kept: free space and continue "
+                 f"with --init_from=resume")
+    if meta.get("tokenizer") == "tiktoken":  # sample.py finds a converted Qwen run's tokenizer beside its checkpoint
+        for f in ("tokenizer.tiktoken", "tokenizer.json"):
+            shutil.copy(os.path.join(data_dir, f), os.path.join(out_dir, f))
 
 
 def generators(it, micro_step):
@@ -377,7 +366,7 @@ def generators(it, micro_step):
     return torch.Generator().manual_seed(base), torch.Generator(device).manual_seed(base + 500)
 
 
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 batch = get_batch("train", generators(iter_num, 0)[0])
 t0 = time.time()
 while True:
@@ -396,7 +385,7 @@ while True:
         if losses["val"] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0:
-                save_checkpoint()
+                save_run()
                 if master:
                     print(f"saved checkpoint to {out_dir}")
     if iter_num >= max_iters or eval_only:
@@ -409,7 +398,7 @@ while True:
             train_model.set_requires_gradient_sync(last)
         elif ddp:
             train_model.require_backward_grad_sync = last
-        with ctx:
+        with autocast:
             loss = compute_loss(train_model, batch, generators(iter_num, micro_step)[1]) / gradient_accumulation_steps
         # fetch the next micro-batch while the GPU works
         batch = get_batch("train", generators(iter_num + 1, 0)[0] if last else generators(iter_num, micro_step + 1)[0])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from convert_qwen import load_tokenizer  # noqa: E402
-from model import CheckpointError, load_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 
 def documents(path, field):

@@ -1,0 +1,139 @@
+"""
+A run's checkpoint, <out_dir>/ckpt.pt, written atomically and read safely by every script.
+
+It holds plain values and tensors only: the weights ("model", the state dict of a plain
+Transformer), the architecture ("model_args"), the block-diffusion recipe ("recipe", None for an
+AR model), the run's settings ("config"), its vocabulary ("meta"), and what training needs to
+continue exactly ("optimizer", "iter_num", "best_val_loss", and "lora" for a LoRA run).
+"""
+
+import os
+import pickle
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model import ModelConfig, Recipe, Transformer
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, unsafe or of the wrong shape (a one-line reason)."""
+
+
+def save_checkpoint(checkpoint, path):
+    """Writes a temporary file, flushes it to disk and renames it over `path`: a crash or a full
+    disk mid-save leaves the previous checkpoint as it was (and no partial file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"could not save {path} ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_checkpoint(path, device="cpu", flag="--out_dir"):
+    """torch.load with weights_only=True: our checkpoints hold tensors and plain Python values
+    only, so a file that needs anything else (a pickle that could run code) is refused. `flag`
+    is the setting that names the run, for the message when there is none."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first or pass the right {flag}")
+    try:
+        # memory-mapped: tensors are read when used, so a big checkpoint is not held twice
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, refused for safety "
+                              f"({str(e).splitlines()[0][:120]}); it is not a checkpoint of ours") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+                              f"use an earlier copy or train again") from None
+    missing = {"model", "model_args", "config", "meta"} - set(checkpoint) if isinstance(checkpoint, dict) else {"model"}
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
+    # a checkpoint saved from a compiled model would carry '_orig_mod.' in its keys
+    checkpoint["model"] = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
+    return checkpoint
+
+
+def recipe_of(checkpoint):
+    """The Recipe of a dLM checkpoint, None for an AR one. Checkpoints written before the recipe
+    was saved in them get it from their settings, which held the same values."""
+    if "recipe" in checkpoint:
+        return Recipe(**checkpoint["recipe"]) if checkpoint["recipe"] else None
+    c = checkpoint["config"]
+    if c.get("mode") != "dlm":
+        return None
+    return Recipe(block_size=c["block_size"], mask_id=checkpoint["meta"]["mask_id"], pattern=c.get("attention", "block"),
+                  token_shift=c.get("token_shift", False), mask_half_life=c.get("mask_half_life", 0.1),
+                  t_eps=c.get("t_eps", 1e-3))
+
+
+def recipe_record(recipe):
+    """What a checkpoint stores of a recipe: its fields as plain values (None for AR)."""
+    return asdict(recipe) if recipe is not None else None
+
+
+def model_from(checkpoint, path, **overrides):
+    """The Transformer of a loaded checkpoint, its weights checked against the architecture."""
+    model = Transformer(ModelConfig(**dict(checkpoint["model_args"], **overrides)))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first mismatch torch lists
+        raise CheckpointError(f"{path}: the weights do not fit the architecture recorded with them ({first[:160]})") from None
+    return model
+
+
+class CharTokenizer:
+    """The vocabulary of a character-level run: one id per character."""
+
+    def __init__(self, itos, n_chars):
+        self.itos, self.stoi = itos, {c: i for i, c in enumerate(itos[:n_chars])}
+
+    def encode(self, text, allow_special=False):  # a character vocabulary has no special tokens to allow
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ValueError(f"the text has characters outside the vocabulary: {''.join(unknown)!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[t] for t in ids)
+
+
+@dataclass
+class Run:
+    """A trained run as the scripts use it: the model (in eval mode), its recipe (None: an AR
+    model), the settings it was trained with, its vocabulary, and where it lies."""
+    model: Transformer
+    recipe: Recipe | None
+    config: dict
+    meta: dict
+    out_dir: str
+
+    @property
+    def end_ids(self):
+        """The tokens at which generation stops."""
+        if "end_ids" in self.meta:
+            return tuple(self.meta["end_ids"])
+        return () if self.meta.get("end_id") is None else (self.meta["end_id"],)
+
+    def tokenizer(self):
+        """A converted Qwen run's tiktoken tokenizer (saved beside its checkpoint), or the
+        character vocabulary that travels in the checkpoint."""
+        if self.meta.get("tokenizer") == "tiktoken":
+            from convert_qwen import load_tokenizer  # only converted Qwen runs need tiktoken
+            return load_tokenizer(self.out_dir)
+        return CharTokenizer(self.meta["itos"], self.meta["mask_id"])
+
+
+def load_run(out_dir, device="cpu", flag="--out_dir"):
+    """The Run in out_dir/ckpt.pt, on `device`."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(path, device, flag)
+    model = model_from(checkpoint, path).to(device).eval()
+    return Run(model, recipe_of(checkpoint), checkpoint["config"], checkpoint["meta"], str(out_dir))
