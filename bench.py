@@ -3,7 +3,7 @@ AR against block diffusion, side by side in one run: same prompts, same device, 
 the median of `repeats` timed runs, generated tokens only (never the prompt).
 
     python bench.py --out_dir=out-tasks-dlm                 # task demo: accuracy, TPF, tokens/s
-    python bench.py --out_dir=out-tasks-dlm --n_test=20 --repeats=1 "--thresholds=(0.9,)"   # a quick look
+    python bench.py --out_dir=out-tasks-dlm --n_test=20 --repeats=1 --thresholds=0.9 --batch_sizes=1   # a quick look
     python bench.py --out_dir=out-shakespeare-char-dlm      # text: gen-PPL, entropy, val loss vs bound
     python bench.py --out_dir=out-tasks-dlm --by_distance=100   # also: accuracy and confidence of each masked
                                                             # position by its distance from the last clean one
@@ -13,7 +13,7 @@ the median of `repeats` timed runs, generated tokens only (never the prompt).
     python bench.py --out_dir=out-tasks-dlm --compare_hf=True   # our AR decoding vs transformers' generate
 
 The AR baseline is the run the dLM was initialised from (recorded in its checkpoint), or --ar_dir.
-Tuple settings are written as Python tuples: "--thresholds=(0.9, 0.5)", "--batch_sizes=(1,)".
+Tuple settings are written as Python tuples, "--thresholds=(0.9, 0.5)", or as one value, --batch_sizes=1.
 
 Quality (decoding all test prompts once per row): on a task checkpoint (data/tasks), exact-match
 accuracy per task on the held-out test prompts and tokens per forward over the answers; on text,
@@ -129,7 +129,7 @@ def decoder(model, recipe, decoding, generator=None):
         return lambda prompts, n: generate_ar(model, prompts, n, decoding, generator)
     if recipe.pattern == "bidirectional":
         decoding = dataclasses.replace(decoding, kv_cache=False)
-    return lambda prompts, n: generate_block(model, prompts, n, recipe, decoding, generator)
+    return lambda prompts, n: generate_block(model, prompts, n, recipe, decoding, generator=generator)
 
 
 def evaluate(decode, problems, tokenizer, batch_size=100):
@@ -280,7 +280,8 @@ def bench_decode(ar, dlm, opt):
         if opt.by_distance and recipe:
             th = 0.9 if 0.9 in opt.thresholds else opt.thresholds[0]
             result["by_distance"] = accuracy_by_distance(dlm.model, dlm.recipe, tokenizer, dlm.end_ids[0],
-                                                         load_problems(dlm.config["dataset"], opt.by_distance), th, opt.device)
+                                                         load_problems(dlm.config["dataset"], opt.by_distance),
+                                                         threshold=th, device=opt.device)
             print(f"\nby distance d from the last clean token, answers decoded left to right, {opt.by_distance} prompts "
                   f"per task: accuracy % / share at least {th} confident % / accuracy of those %")
             print(f"{'':7}" + "".join(f"{f'd={d}':>13}" for d in range(1, dlm.recipe.block_size + 1)))

@@ -28,10 +28,12 @@ def settings(path):
     (nothing is run), with the comment on the same line or the lines just below it."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
-    comments = {}
+    comments, code_lines = {}, set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
     found = {}
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -46,9 +48,11 @@ def settings(path):
         if not name.islower() or name.startswith("_"):
             continue
         lines, line = [], node.end_lineno
-        if line in comments:  # a comment after the value, continued on the lines below at the same column
+        if line in comments:  # a comment after the value, continued on comment-only lines below at its column
             column = comments[line][0]
-            while line in comments and comments[line][0] == column:
+            lines.append(comments[line][1])
+            line += 1
+            while line in comments and line not in code_lines and comments[line][0] == column:
                 lines.append(comments[line][1])
                 line += 1
         found[name] = (value, " ".join(lines))
@@ -71,6 +75,8 @@ def _check(key, value, config, nullable, origin):
         return value
     if type(current) is float and type(value) is int:
         return float(value)
+    if type(current) is tuple and type(value) in (int, float, str):  # one value: a tuple of one
+        return (value,)
     if type(current) is str:
         return str(value)
     _fail(f"{origin}: '{key}' must be {type(current).__name__} like its current value {current!r}, "
@@ -110,8 +116,8 @@ def configure(defaults, argv=None, nullable=()):
     return config
 
 
-def _help(doc, table, config):
-    lines = [(doc or "").strip(), "", "usage: python SCRIPT [config/x.py ...] [--key=value ...]", "",
+def _help(script, doc, table, config):
+    lines = [(doc or "").strip(), "", f"usage: python {script} [config/x.py ...] [--key=value ...]", "",
              "settings (value, then what it is; 'default' where a config file or flag changed it):"]
     width = max(len(f"{k} = {config[k]!r}") for k in table) + 2
     for key, (default, comment) in table.items():
@@ -127,9 +133,11 @@ def load_config(scope, nullable=()):
     table = settings(scope["__file__"])
     defaults = {k: scope[k] for k in table}
     argv = sys.argv[1:]
-    if "-h" in argv or "--help" in argv:
-        first = min(i for i, a in enumerate(argv) if a in ("-h", "--help"))
-        print(_help(scope.get("__doc__"), table, configure(defaults, argv[:first], nullable)))
+    asks = [i for i, a in enumerate(argv) if a in ("-h", "--help") or a.startswith("--help=")]
+    if asks:
+        first = asks[0]
+        script = os.path.relpath(scope["__file__"])
+        print(_help(script, scope.get("__doc__"), table, configure(defaults, argv[:first], nullable)))
         sys.exit(0)
     config = configure(defaults, argv, nullable)
     scope.update(config)
@@ -144,7 +152,7 @@ def resolve_device(device):
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
-        _fail(f"device {device!r} is not a device torch knows; use --device=auto, cpu, cuda, cuda:N or mps")
+        _fail(f"device {device!r} is not a device torch knows; use --device=cpu (or auto, cuda, cuda:N, mps)")
     if kind == "cuda" and not torch.cuda.is_available():
         _fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
     if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
@@ -152,7 +160,7 @@ def resolve_device(device):
     if kind == "mps" and not torch.backends.mps.is_available():
         _fail(f"device={device!r} but MPS is not available here; use --device=cpu")
     if kind not in ("cpu", "cuda", "mps"):
-        _fail(f"device {device!r} is not supported; use --device=auto, cpu, cuda, cuda:N or mps")
+        _fail(f"device {device!r} is not supported; use --device=cpu (or auto, cuda, cuda:N, mps)")
     return device
 
 

@@ -130,22 +130,14 @@ def layout_mask(pattern, block_size, L, device, flex=False):
 
 
 def draw_mask(pattern, L=4, B=2):
-    """The training mask of a pattern as text: '#' where a query (row) may attend to a key."""
+    """The training mask of a pattern as text: '#' where the row's query may attend to the column's key."""
+    two = pattern == "block"  # [x_t ; x_0]: a gap between the copies
+    cells = lambda row: " ".join(row[:L]) + ("  " + " ".join(row[L:]) if two else "")
+    names = [f"x_t {i}" for i in range(L)] + [f"x_0 {i}" for i in range(L)] if two else [f"x {i}" for i in range(L)]
+    rows = [f"{pattern}, L = {L}, B = {B}" + (": the input is [x_t ; x_0], both copies at positions 0..L-1" if two else ""),
+            f"{'':7}" + (f"{'x_t':{2 * L + 1}}x_0" if two else "x"), f"{'':7}" + cells([str(i % L) for i in range(len(names))])]
     m = layout_mask(pattern, B, L, "cpu")
-    names = [f"x_t {i}" for i in range(L)] + [f"x_0 {i}" for i in range(L)] if pattern == "block" else \
-            [f"x {i}" for i in range(L)]
-    keys = " ".join(str(i % L) for i in range(len(names)))
-    if pattern == "block":  # a gap between the two copies
-        keys = keys[:2 * L] + " " + keys[2 * L:]
-    rows = [f"{pattern}, L = {L}, B = {B}" + (": the input is [x_t ; x_0], both copies at positions 0..L-1"
-                                               if pattern == "block" else ""),
-            f"{'':7}{'x_t' if pattern == 'block' else 'x':<{2 * L + 1}}{'x_0' if pattern == 'block' else ''}",
-            f"{'':7}{keys}"]
-    for q, name in enumerate(names):
-        cells = " ".join("#" if a else "." for a in m[q].tolist())
-        if pattern == "block":
-            cells = cells[:2 * L] + " " + cells[2 * L:]
-        rows.append(f"{name:7}{cells}")
+    rows += [f"{name:7}" + cells(["#" if a else "." for a in m[q].tolist()]) for q, name in enumerate(names)]
     return "\n".join(rows)
 
 
@@ -251,9 +243,8 @@ class KVCache(nn.Module):
     Slots that were never written, or hold stale values from an earlier call, are never read:
     the attention mask only admits keys below the end of the tokens being run."""
 
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+    def __init__(self, shape, dtype, device):  # shape: (batch, kv heads, positions, head_dim)
         super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -306,8 +297,8 @@ class Transformer(nn.Module):
     def setup_cache(self, batch_size, dtype=None):
         p = self.embed_tokens.weight
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch_size, self.config.n_kv_head, self.config.context_len,
-                                            self.config.head_dim, dtype or p.dtype, p.device)
+            layer.self_attn.cache = KVCache((batch_size, self.config.n_kv_head, self.config.context_len,
+                                             self.config.head_dim), dtype or p.dtype, p.device)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -376,7 +367,7 @@ def diffusion_loss(model, x_0, mask, recipe, maskable=None, generator=None):
     k = torch.round(t * n)
     x_t, masked = corrupt(x_0, recipe, t, k, recipe.beta, maskable=maskable, u=noise[..., 1:])
     weight = masked / t.repeat_interleave(B, dim=1)
-    return _weighted_ce(model, x_t, x_0, mask, recipe, weight) / (b * L)
+    return _weighted_ce(model, x_t, x_0, mask, recipe, weight=weight) / (b * L)
 
 
 def diffusion_bound(model, x_0, mask, recipe, generator=None):
@@ -390,7 +381,7 @@ def diffusion_bound(model, x_0, mask, recipe, generator=None):
     k = torch.randint(1, B + 1, (b, nb), device=x_0.device, generator=generator).float()
     x_t, masked = corrupt(x_0, recipe, k / B, k, 0.0, generator=generator)
     weight = masked / k.repeat_interleave(B, dim=1)
-    return _weighted_ce(model, x_t, x_0, mask, recipe, weight) / (b * nb)
+    return _weighted_ce(model, x_t, x_0, mask, recipe, weight=weight) / (b * nb)
 
 
 def _weighted_ce(model, x_t, x_0, mask, recipe, weight):

@@ -102,7 +102,7 @@ if recipe is not None:
         print(f"{head}{text}|  +{int(committed[0].sum())} committed")
         print(" " * len(head) + marks)
 
-    outs, stats = generate_block(model, prompts, max_new_tokens, recipe, decoding, generator,
+    outs, stats = generate_block(model, prompts, max_new_tokens, recipe, decoding, generator=generator,
                                  on_step=show if show_steps else None)
 else:
     outs, stats = generate_ar(model, prompts, max_new_tokens, decoding, generator)

@@ -75,6 +75,17 @@ def test_dense_mask_matches_brute_force(pattern, L, B):
     assert torch.equal(layout_mask(pattern, B, L, "cpu"), brute_force_mask(pattern, L, B))
 
 
+def test_readme_shows_the_mask_the_code_draws():
+    """`python model.py` draws every rule's mask; the README's picture of [x_t ; x_0] is that drawing."""
+    from model import draw_mask
+    code, out, err = run("model.py", cwd=HERE)
+    assert code == 0 and all(draw_mask(p) in out for p in ("block", "causal", "block_noisy", "bidirectional"))
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    assert draw_mask("block", L=4, B=2) in readme
+    picture = draw_mask("block").splitlines()[3:]  # the rows: '#' exactly where the brute-force rule allows
+    assert [[c == "#" for c in row[7:].replace("  ", " ").split(" ")] for row in picture] == brute_force_mask("block", 4, 2).tolist()
+
+
 def test_block_layout_sparsity():
     # about three quarters of the 2L x 2L block mask is empty
     m = layout_mask("block", 16, 256, "cpu")
@@ -422,6 +433,9 @@ def test_training_lowers_loss_and_checkpoint_reloads(workdir):
     assert code == 0, err
     dlm = losses(out)
     assert len(dlm) == 2 and dlm[1] < dlm[0]
+    # the checkpoint records its recipe, and its AR source as given (relative: the runs can move together)
+    ckpt = torch.load(workdir / "out-dlm" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["init_from"] == "out-ar" and ckpt["recipe"]["block_size"] == 8 and ckpt["recipe"]["pattern"] == "block"
 
 
 def last_json(stdout):
@@ -674,6 +688,7 @@ def bad_inputs(d, ckpt):
     os.makedirs(truncated, exist_ok=True)
     (truncated / "ckpt.pt").write_bytes((ckpt / "ckpt.pt").read_bytes()[:5000])
     long_prompt = "a" * 100
+    (d / "c.py").write_text("max_iters = 1700\n")
     T = TINY
     return [
         ("unknown key", ["train.py", *T, "--n_layers=3"], ["n_layers", "n_layer"]),
@@ -683,15 +698,27 @@ def bad_inputs(d, ckpt):
         ("empty data", ["train.py", *T, "--dataset=empty"], ["train.bin", "0 tokens"]),
         ("ids beyond vocab", ["train.py", *T, "--dataset=bigids"], ["token id 59", "vocabulary of 10"]),
         ("mask id outside vocab", ["train.py", *T, "--dataset=nomask", "--mode=dlm", "--block_size=8"], ["mask_id 99"]),
-        ("missing checkpoint (train)", ["train.py", *T, "--init_from=out-nope"], ["out-nope", "no checkpoint"]),
-        ("missing checkpoint (sample)", ["sample.py", "--out_dir=out-nope"], ["out-nope", "no checkpoint"]),
+        ("missing checkpoint (train)", ["train.py", *T, "--init_from=out-nope"], ["out-nope", "no checkpoint", "--init_from"]),
+        ("missing checkpoint (sample)", ["sample.py", "--out_dir=out-nope"], ["out-nope", "no checkpoint", "--out_dir"]),
+        ("missing AR baseline (bench)", ["bench.py", f"--out_dir={ckpt.name}", "--ar_dir=out-nope"], ["out-nope", "--ar_dir"]),
         ("other architecture", ["train.py", *T, "--n_layer=3", f"--init_from={ckpt.name}"], ["n_layer=3", "n_layer=2"]),
         ("truncated checkpoint", ["sample.py", "--out_dir=out-truncated"], ["out-truncated", "corrupt or truncated"]),
         ("block size", ["train.py", *T, "--mode=dlm", "--block_size=5"], ["block_size 5", "context_len 32"]),
         ("threshold", ["sample.py", f"--out_dir={ckpt.name}", "--threshold=1.5"], ["threshold", "1.5"]),
         ("max_new_tokens", ["sample.py", f"--out_dir={ckpt.name}", "--max_new_tokens=0"], ["max_new_tokens"]),
         ("no cuda", ["train.py", *T, "--device=cuda"], ["cuda", "--device=cpu"]),
+        ("unknown device (train)", ["train.py", *T, "--device=gpu"], ["'gpu'", "--device=cpu"]),
+        ("unknown device (sample)", ["sample.py", f"--out_dir={ckpt.name}", "--device=gpu"], ["'gpu'", "--device=cpu"]),
+        ("unknown device (bench)", ["bench.py", f"--out_dir={ckpt.name}", "--device=gpu"], ["'gpu'", "--device=cpu"]),
         ("dtype", ["train.py", *T, "--dtype=float8"], ["dtype", "float8"]),
+        ("dtype nonsense (sample)", ["sample.py", f"--out_dir={ckpt.name}", "--dtype=nonsense"], ["nonsense", "--dtype"]),
+        ("dtype int8 (sample)", ["sample.py", f"--out_dir={ckpt.name}", "--dtype=int8"], ["int8", "--dtype"]),
+        ("unknown dataset", ["train.py", *T, "--dataset=nowhere"], ["no dataset 'nowhere'", "--dataset"]),
+        ("attention", ["train.py", *T, "--mode=dlm", "--block_size=8", "--attention=blok"], ["blok", "--attention"]),
+        ("wrong type after a config", ["train.py", "c.py", "--max_iters=abc"], ["max_iters", "1700", "abc"]),
+        ("missing prompt file", ["sample.py", f"--out_dir={ckpt.name}", "--start=FILE:nope.txt"], ["nope.txt", "--start"]),
+        ("prompt outside the vocabulary", ["sample.py", f"--out_dir={ckpt.name}", "--start=\u00e6\u00f8"], ["vocabulary", "--start"]),
+        ("threshold outside (0, 1] (bench)", ["bench.py", f"--out_dir={ckpt.name}", "--thresholds=(0.9, 2.0)"], ["thresholds", "2.0"]),
         ("prompt too long", ["sample.py", f"--out_dir={ckpt.name}", f"--start={long_prompt}", "--max_new_tokens=4"],
          ["prompt has 100 tokens", "32"]),
     ]
@@ -701,6 +728,8 @@ def test_bad_inputs_give_one_line_errors(workdir, ar_run):
     if torch.cuda.is_available():
         pytest.skip("the 'no cuda' case needs a machine without CUDA")
     for what, argv, words in bad_inputs(workdir, ar_run):
+        if argv[0] == "train.py":  # none of these runs gets as far as a checkpoint: they leave no out_dir behind
+            argv = [*argv, "--out_dir=out-failed"]
         code, out, err = run(*argv, cwd=workdir)
         lines = [line for line in err.splitlines() if line.strip()]
         print(f"{what}: {' '.join(a for a in argv if a not in TINY)[:70]}\n    {err.strip()}")  # for -s
@@ -709,6 +738,25 @@ def test_bad_inputs_give_one_line_errors(workdir, ar_run):
             continue
         assert code != 0, what
         assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), (what, err)
+    assert not (workdir / "out-failed").exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "ablate.py", "convert_qwen.py"])
+def test_help_lists_every_setting(script):
+    """--help (also -h, --help=anything) prints each setting with its value and its comment, and
+    exits 0; after a config file, with the values it sets."""
+    from configurator import settings
+    table = settings(os.path.join(HERE, script))
+    for flag in ("--help", "-h", "--help=1") if script == "sample.py" else ("--help",):
+        code, out, err = run(script, flag, cwd=HERE)
+        assert code == 0 and not err, (flag, err)
+        for key, (default, comment) in table.items():
+            line = next(line for line in out.splitlines() if line.strip().startswith(f"{key} = "))
+            assert repr(default) in line and comment in line
+    assert len(table) >= 5 and sum(bool(c) for _, c in table.values()) >= len(table) - 3  # (almost) all explained
+    if script == "train.py":
+        code, out, err = run(script, "config/tasks_dlm.py", "--help", cwd=HERE)
+        assert code == 0 and "max_iters = 4500" in out and "(default 2000)" in out
 
 
 # ----------------------------------------------------------------------------------------

@@ -35,29 +35,29 @@ from model import PATTERNS, ModelConfig, Recipe, Transformer, diffusion_bound, d
 # -----------------------------------------------------------------------------
 # settings: override them with config/x.py files and --key=value (--help lists them)
 # I/O
-out_dir = "out"
+out_dir = "out"             # where the run's checkpoint (ckpt.pt) is written
 init_from = "scratch"       # 'scratch', 'resume' (from out_dir), or the out_dir of another run
-eval_interval = 250
-eval_iters = 50
-log_interval = 10
-eval_only = False
-always_save_checkpoint = True
+eval_interval = 250         # evaluate (and save) every this many iterations
+eval_iters = 50             # batches per evaluation
+log_interval = 10           # print the training loss every this many iterations
+eval_only = False           # evaluate once and stop (with init_from)
+always_save_checkpoint = True  # save at every evaluation, not only when the val loss improved
 # data
-dataset = "shakespeare_char"
-batch_size = 32
+dataset = "shakespeare_char"  # a folder of data/ made by its prepare.py
+batch_size = 32             # rows per micro-batch (per process)
 context_len = 256           # tokens per training sequence (nanoGPT calls this block_size)
-gradient_accumulation_steps = 1
+gradient_accumulation_steps = 1  # micro-batches per iteration, over all processes
 # model, when training from scratch (a checkpoint brings its own)
-n_layer = 4
-n_head = 4
-n_kv_head = 4
-n_embd = 128
+n_layer = 4                 # transformer layers
+n_head = 4                  # query heads
+n_kv_head = 4               # key/value heads (< n_head: grouped-query attention)
+n_embd = 128                # hidden size
 head_dim = 0                # 0: n_embd // n_head
-intermediate_size = 512
-rope_theta = 10000.0
-qkv_bias = False
-qk_norm = False
-tie_embeddings = True
+intermediate_size = 512     # MLP width
+rope_theta = 10000.0        # rotary base (Qwen2.5/3: 1e6)
+qkv_bias = False            # biases on q/k/v (Qwen2/2.5)
+qk_norm = False             # RMSNorm on q and k (Qwen3)
+tie_embeddings = True       # the head shares the embedding matrix
 # objective
 mode = "ar"                 # 'ar' (next token) or 'dlm' (block diffusion)
 attention = "block"         # dlm attention: 'block' (the method), 'block_noisy', 'bidirectional'
@@ -66,27 +66,27 @@ mask_half_life = 0.1        # the paper's lambda for position-dependent masking;
 token_shift = False         # True: logits at i-1 predict token i (Dream style; an ablation)
 t_eps = 1e-3                # t ~ U(t_eps, 1)
 # LoRA (0: full training): adapters on every attention and MLP linear, merged into plain weights on save
-lora_rank = 0
-lora_alpha = 32.0
+lora_rank = 0               # >0: train LoRA adapters of this rank instead of all weights
+lora_alpha = 32.0           # the adapters' scale is lora_alpha / lora_rank
 lora_train_others = True    # embeddings, norms and head trainable (the paper's choice) or frozen
 answers_only = False        # dlm: prompts stay clean, only answers are masked (data/<dataset>/<split>.answers.bin)
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 1e-3
-max_iters = 2000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 1e-3        # peak learning rate
+max_iters = 2000            # iterations in all
+weight_decay = 0.1          # on matrices only
+beta1 = 0.9                 # AdamW
+beta2 = 0.95                # AdamW
 grad_clip = 1.0             # 0: off
-decay_lr = True
-warmup_iters = 100
+decay_lr = True             # False: a constant learning rate
+warmup_iters = 100          # linear warm-up
 lr_decay_iters = 0          # the cosine reaches min_lr here; 0: max_iters
-min_lr = 1e-4
+min_lr = 1e-4               # where the cosine ends
 # system
 device = "auto"             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"              # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
                             # (autocast; on CPU bfloat16 pays where the cores have AMX or AVX-512 BF16)
-compile = False
-seed = 1337
+compile = False             # torch.compile the model (faster steps after a compilation of about a minute)
+seed = 1337                 # seeds the initialisation, the batches and the masks
 backend = "nccl"            # DDP backend on CUDA ('gloo' is used on CPU)
 fsdp = False                # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 # -----------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def compute_loss(model, batch, generator, eval_bound=False):
     x_0 = x[:, :-1]
     if eval_bound:
         return diffusion_bound(model, x_0, mask, recipe, generator)
-    return diffusion_loss(model, x_0, mask, recipe, maskable, generator)
+    return diffusion_loss(model, x_0, mask, recipe, maskable=maskable, generator=generator)
 
 
 @torch.no_grad()
