@@ -211,13 +211,13 @@ def val_row(ar_model, dlm, n_windows, seed, device):
     data = np.memmap(os.path.join("data", dlm.config["dataset"], "val.bin"), dtype=dlm.meta["dtype"], mode="r")
     starts = np.linspace(0, len(data) - L - 2, n_windows).astype(np.int64)
     windows = torch.from_numpy(np.stack([data[s:s + L + 1].astype(np.int64) for s in starts])).to(device)
-    causal, dmask = layout_mask("causal", B, L, device), layout_mask(recipe.pattern, B, L, device)
+    causal = layout_mask("causal", B, L, device)
     gen = torch.Generator(device).manual_seed(seed)
     ar, bound = [], []
     for x in windows.split(16):
         ar.append(F.cross_entropy(ar_model(x[:, :-1], torch.arange(L, device=device), causal).flatten(0, 1),
                                   x[:, 1:].flatten()).item())
-        bound.append(diffusion_bound(dlm.model, x[:, :-1], dmask, recipe, gen).item())
+        bound.append(diffusion_bound(dlm.model, x[:, :-1], recipe, gen).item())
     return dict(ar_loss=round(sum(ar) / len(ar), 4), dlm_bound=round(sum(bound) / len(bound), 4))
 
 
@@ -367,7 +367,7 @@ def bench_train(run, opt):
                         logits = model(x[:, :-1], torch.arange(L, device=opt.device), mask)
                         loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
                     else:
-                        loss = diffusion_loss(model, x[:, :-1], mask, recipe, generator=g)
+                        loss = diffusion_loss(model, x[:, :-1], recipe, generator=g, flex=flex)
                 loss.backward()
                 optim.step()
                 optim.zero_grad(set_to_none=True)

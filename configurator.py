@@ -24,8 +24,9 @@ def _fail(msg):
 
 def settings(path):
     """{name: (default, comment)} of a script's settings: its top-level `name = literal`
-    assignments of lowercase names before its first function or class, read from the source
-    (nothing is run), with the comment on the same line or the lines just below it."""
+    assignments of lowercase names before it calls load_config and before its first function
+    or class, read from the source (nothing is run), with the comment on the same line or on the
+    comment lines just below it."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     comments, code_lines = {}, set()
@@ -36,7 +37,8 @@ def settings(path):
             code_lines.add(tok.start[0])
     found = {}
     for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        calls = {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) or "load_config" in calls:
             break
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue

@@ -14,6 +14,7 @@ layout and the loss change. Parameter names follow Hugging Face's Qwen models wi
 "model." dropped, so a real checkpoint maps onto this one by a rename.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 PATTERNS = ("causal", "block", "block_noisy", "bidirectional")
+LOSS_WEIGHTS = ("1/t", "n/k", "flat")
+LOSS_NORMS = ("tokens", "maskable")
 
 
 # ----------------------------------------------------------------------------------------
@@ -61,12 +64,26 @@ class Recipe:
     token_shift: bool = False       # True: the logits at i-1 predict token i, as in the AR model
     mask_half_life: float | None = 0.1  # lambda of position-dependent masking; None or 0: uniform
     t_eps: float = 1e-3             # the noise level t ~ U(t_eps, 1)
+    # what a training forward spends its compute on (the defaults are the paper's)
+    noisy_copies: int = 1           # noisy copies beside one clean copy; each second one masks the complement of
+                                    # the first, so a pair scores every maskable token once
+    noisy_blocks: int = 0           # blocks per noisy copy, those with maskable tokens first; 0: every block
+    min_masked: int = 0             # at least this many masked per block that has maskable tokens (0: round(t n) may be 0)
+    loss_weight: str = "1/t"        # a masked token's weight: '1/t' (the paper), 'n/k' (the block's realised ratio), 'flat'
+    loss_norm: str = "tokens"       # divide by the 'tokens' (b L), or each row by its 'maskable' tokens
 
     def __post_init__(self):
         if self.pattern not in PATTERNS[1:]:
             raise ValueError(f"a dLM's attention must be one of {PATTERNS[1:]}, got {self.pattern!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.noisy_copies < 1 or self.noisy_blocks < 0 or self.min_masked < 0:
+            raise ValueError("noisy_copies must be at least 1, noisy_blocks and min_masked at least 0")
+        if (self.noisy_copies > 1 or self.noisy_blocks) and self.pattern != "block":
+            raise ValueError("noisy_copies and noisy_blocks need the clean copy of attention='block'")
+        if self.loss_weight not in LOSS_WEIGHTS or self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_weight must be one of {LOSS_WEIGHTS} and loss_norm one of {LOSS_NORMS}, "
+                             f"got {self.loss_weight!r} and {self.loss_norm!r}")
 
     @property
     def beta(self):
@@ -79,13 +96,39 @@ class Recipe:
 # 2. Attention rules. Each pattern is ONE predicate on (query index, key index); the dense
 # boolean mask (SDPA: CPU, tests) and the FlexAttention BlockMask (GPU) are both built from it.
 
-def attention_rule(pattern, block_size, n_noisy=0):
-    """mask_mod(b, h, q, kv) -> bool tensor: may query q attend to key kv?
+@dataclass
+class Layout:
+    """What each input of a `block` training forward stands for. The input is the noisy copies,
+    then the clean copy of positions 0..L-1: [x_t ; x_t' ... ; x_0]. Per input index: its
+    rotary position `pos`, and its `group`, the noisy block it belongs to (0: the clean copy).
+    Both (n,) when every row has the same layout, (b, n) when rows hold different blocks."""
+    pos: torch.Tensor
+    group: torch.Tensor
+    n_noisy: int                    # inputs before the clean copy
 
-    Indices are positions in the attention sequence. For the `block` training layout
-    [x_t ; x_0] the first n_noisy indices are the noisy copy and the rest the clean copy,
-    both standing for positions 0..n_noisy-1. With n_noisy=0 there is only a clean stream,
-    which is the rule used to prefill and decode with the KV cache."""
+
+def make_layout(L, B, copies=1, blocks=None, device="cpu"):
+    """The layout of `copies` noisy copies of the blocks `blocks` (b, K) of each row (None:
+    every block, in order) and one clean copy. The standard [x_t ; x_0] is make_layout(L, B)."""
+    clean = torch.arange(L, device=device)
+    if blocks is None:  # every position (the last block may be partial)
+        noisy_pos, K = clean, -(-L // B)
+    else:
+        K = blocks.size(-1)
+        noisy_pos = (blocks[..., None] * B + torch.arange(B, device=device)).flatten(-2)  # (b, K B)
+        clean = clean.expand(blocks.size(0), L)
+    slot = torch.arange(noisy_pos.size(-1), device=device) // B + 1  # 1..K: which block of its copy
+    pos = torch.cat([noisy_pos] * copies + [clean], -1)
+    group = torch.cat([slot + c * K for c in range(copies)] + [torch.zeros(L, dtype=torch.long, device=device)])
+    return Layout(pos, group.expand_as(pos), copies * noisy_pos.size(-1))
+
+
+def attention_rule(pattern, block_size, layout=None):
+    """mask_mod(b, h, q, kv) -> bool tensor: may input q attend to input k?
+
+    For `block` training, `layout` says what each input stands for. Without a layout the
+    inputs are one stream of positions 0, 1, ...: the clean stream, which is the rule used to
+    prefill and decode with the KV cache (a block being decoded is the newest block of it)."""
     B = block_size
 
     def causal(b, h, q, kv):
@@ -98,35 +141,46 @@ def attention_rule(pattern, block_size, n_noisy=0):
         return kv // B <= q // B
 
     def block(b, h, q, kv):
-        q_noisy, kv_noisy = q < n_noisy, kv < n_noisy
-        q_blk = torch.where(q_noisy, q, q - n_noisy) // B
-        kv_blk = torch.where(kv_noisy, kv, kv - n_noisy) // B
-        noisy_to_noisy = q_noisy & kv_noisy & (q_blk == kv_blk)   # bidirectional in the block
-        noisy_to_clean = q_noisy & ~kv_noisy & (kv_blk < q_blk)   # clean context of earlier blocks
-        clean_to_clean = ~q_noisy & ~kv_noisy & (kv_blk <= q_blk)  # block-causal clean stream
-        return noisy_to_noisy | noisy_to_clean | clean_to_clean   # clean -> noisy: never
+        if layout is None:
+            return kv // B <= q // B
+        at = (lambda t, i: t[i]) if layout.pos.dim() == 1 else (lambda t, i: t[b, i])
+        q_blk, kv_blk = at(layout.pos, q) // B, at(layout.pos, kv) // B
+        q_group, kv_group = at(layout.group, q), at(layout.group, kv)
+        q_noisy, kv_noisy = q_group > 0, kv_group > 0
+        noisy_to_noisy = q_noisy & (kv_group == q_group)            # a noisy block sees itself, both ways
+        noisy_to_clean = q_noisy & ~kv_noisy & (kv_blk < q_blk)     # and the clean copy of earlier blocks
+        clean_to_clean = ~q_noisy & ~kv_noisy & (kv_blk <= q_blk)   # the clean copy is block-causal
+        return noisy_to_noisy | noisy_to_clean | clean_to_clean     # clean -> noisy: never
 
     return dict(causal=causal, bidirectional=bidirectional, block_noisy=block_noisy, block=block)[pattern]
 
 
-def dense_mask(mask_mod, q_idx, kv_idx):
-    """Boolean (len(q_idx), len(kv_idx)) mask, True = attend, for scaled_dot_product_attention."""
+def dense_mask(mask_mod, q_idx, kv_idx, rows=0):
+    """Boolean (len(q_idx), len(kv_idx)) mask, True = attend, for scaled_dot_product_attention;
+    (rows, 1, ., .) for a rule that differs per row."""
+    if rows:
+        return mask_mod(torch.arange(rows, device=q_idx.device)[:, None, None], None, q_idx[None, :, None],
+                        kv_idx[None, None, :])[:, None]
     return mask_mod(None, None, q_idx[:, None], kv_idx[None, :])
 
 
-def block_mask(mask_mod, q_len, kv_len, device):
+def block_mask(mask_mod, q_len, kv_len, device, rows=0):
     """The same rule as a FlexAttention BlockMask: tiles that are entirely masked are skipped."""
-    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+    return create_block_mask(mask_mod, rows or None, None, q_len, kv_len, device=device)
 
 
-def layout_mask(pattern, block_size, L, device, flex=False):
-    """The attention mask of a training forward over L positions (2L inputs for `block`)."""
-    n = 2 * L if pattern == "block" else L
-    rule = attention_rule(pattern, block_size, n_noisy=L if pattern == "block" else 0)
+def layout_mask(pattern, block_size, L, device, flex=False, layout=None):
+    """The attention mask of a training forward over L positions: `layout`'s inputs for `block`
+    (default: the standard [x_t ; x_0], 2L inputs), L inputs for the other patterns."""
+    if pattern == "block" and layout is None:
+        layout = make_layout(L, block_size, device=device)
+    n = layout.pos.size(-1) if pattern == "block" else L
+    rule = attention_rule(pattern, block_size, layout if pattern == "block" else None)
+    rows = layout.pos.size(0) if pattern == "block" and layout.pos.dim() == 2 else 0
     if flex:
-        return block_mask(rule, n, n, device)
+        return block_mask(rule, n, n, device, rows)
     idx = torch.arange(n, device=device)
-    return dense_mask(rule, idx, idx)
+    return dense_mask(rule, idx, idx, rows)
 
 
 def draw_mask(pattern, L=4, B=2):
@@ -282,13 +336,15 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, pos, mask, start=0, logits_slice=slice(None)):
-        """idx (b, T) token ids at rotary positions pos (T,); mask: dense bool (T, keys) or a
+        """idx (b, T) token ids at rotary positions pos (T,) or (b, T); mask: dense bool (T, keys) or a
         BlockMask. With a KV cache set up, the T new keys are written at start..start+T-1 and
         the queries attend to the whole cache (keys = cache length). Returns float32 logits of
         the inputs in logits_slice (the head is the costliest layer of a big-vocabulary model,
         so only the positions needed go through it)."""
         x = self.embed_tokens(idx)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        if pos.dim() == 2:  # positions per row: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, start)
         x = self.norm(x[:, logits_slice])
@@ -308,28 +364,35 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------
 # 5. The diffusion objective: the training layout, the corruption, the loss and the bound
 
-def diffusion_logits(model, x_t, x_0, mask, recipe):
-    """Logits (b, L, V) predicting x_0 at every position from the noisy x_t.
-
-    `block` runs [x_t ; x_0] (2L inputs, both halves at rotary positions 0..L-1) and reads the
-    noisy half. Without token shift the logits at i predict token i (the method); with it the
-    logits at i-1 predict token i, and the first token of a block is predicted from the clean
-    end of the previous block, which is what decoding has at hand. Position 0 then has no
-    prediction (zeros; the loss skips it)."""
-    L = x_0.size(1)
-    pos = torch.arange(L, device=x_0.device)
-    if recipe.pattern == "block":
-        idx, pos = torch.cat([x_t, x_0], 1), torch.cat([pos, pos])
-    else:
-        idx = x_t
+def noisy_logits(model, idx, layout, mask, recipe):
+    """Logits (b, n_noisy, V) predicting the clean token at each noisy input of a training
+    forward. Without token shift the logits at an input predict its own token (the method);
+    with it the logits at position i-1 predict token i: inside a block from the noisy input
+    before it, and the first token of a block from the clean end of the previous block (in
+    `block`), which is what decoding has at hand. Position 0 has no prediction (zeros)."""
+    n = layout.n_noisy
     if not recipe.token_shift:
-        return model(idx, pos, mask, logits_slice=slice(0, L))
-    logits = model(idx, pos, mask)
-    prev = logits[:, :L - 1]
+        return model(idx, layout.pos, mask, logits_slice=slice(0, n))
+    logits = model(idx, layout.pos, mask)
+    pos = layout.pos[..., :n]
+    source = torch.arange(-1, n - 1, device=idx.device).expand_as(pos)  # the input before, in the same block
     if recipe.pattern == "block":
-        first = torch.arange(1, L, device=x_0.device) % recipe.block_size == 0
-        prev = torch.where(first[None, :, None], logits[:, L:2 * L - 1], prev)
-    return F.pad(prev, (0, 0, 1, 0))
+        source = torch.where(pos % recipe.block_size == 0, n + pos - 1, source)  # the clean copy's position - 1
+    source = source.clamp(min=0)
+    picked = logits[:, source] if source.dim() == 1 else logits[torch.arange(idx.size(0), device=idx.device)[:, None], source]
+    return torch.where((pos > 0)[..., None], picked, 0.0)
+
+
+def diffusion_logits(model, x_t, x_0, mask, recipe):
+    """Logits (b, L, V) predicting x_0 at every position from the noisy x_t, in the standard
+    layout: `block` runs [x_t ; x_0] (2L inputs, both copies at rotary positions 0..L-1) and
+    reads the noisy copy; the other patterns run x_t alone."""
+    L = x_0.size(1)
+    if recipe.pattern == "block":
+        return noisy_logits(model, torch.cat([x_t, x_0], 1), make_layout(L, recipe.block_size, device=x_0.device),
+                            mask, recipe)
+    pos = torch.arange(L, device=x_0.device)
+    return noisy_logits(model, x_t, Layout(pos, torch.ones_like(pos), L), mask, recipe)
 
 
 def corrupt(x_0, recipe, t, k, beta, *, maskable=None, u=None, generator=None):
@@ -352,45 +415,106 @@ def corrupt(x_0, recipe, t, k, beta, *, maskable=None, u=None, generator=None):
     return torch.where(masked, recipe.mask_id, x_0), masked
 
 
-def diffusion_loss(model, x_0, mask, recipe, maskable=None, generator=None):
-    """The training loss: per block t ~ U(t_eps, 1), exactly round(t B) positions masked (with
-    the recipe's position bias), the sum over masked positions of CE / t, divided by the
-    tokens (b L). With `maskable` (b, L) bool, round(t n) of the block's n maskable positions
-    are masked instead: the rest stay clean, as a prompt does when decoding."""
+def loss_weights(masked, t, k, n, recipe):
+    """(b, L) weight of each position's CE: 0 where not masked; else 1/t (the masked-diffusion
+    bound), n/k (the same with the ratio the block really got) or 1, per block (t, k, n: b x nb)."""
+    per_block = {"1/t": 1 / t, "n/k": n / k.clamp(min=1), "flat": torch.ones_like(t)}[recipe.loss_weight]
+    return masked * per_block.repeat_interleave(recipe.block_size, dim=1)
+
+
+def draw_masks(x_0, recipe, maskable=None, generator=None):
+    """The noisy copies of a training forward: [(masked, weight) (b, L) per copy], and the
+    blocks (b, noisy_blocks) each copy holds (None: every block). Per block t ~ U(t_eps, 1) and
+    exactly round(t n) of its n maskable positions masked (all B without `maskable`; with it the
+    rest stay clean, as a prompt does when decoding), with the recipe's position bias. The second
+    copy of a pair masks every other maskable position, at noise level 1 - t."""
     b, L = x_0.shape
-    B, eps = recipe.block_size, recipe.t_eps
+    B, eps, C, dev = recipe.block_size, recipe.t_eps, recipe.noisy_copies, x_0.device
     nb = L // B
-    # each row's noise in one draw: a batch then equals the same rows split into micro-batches
-    noise = torch.rand(b, nb, B + 1, device=x_0.device, generator=generator)
-    t = eps + (1 - eps) * noise[..., 0]
-    n = B if maskable is None else maskable.view(b, nb, B).sum(-1)
-    k = torch.round(t * n)
-    x_t, masked = corrupt(x_0, recipe, t, k, recipe.beta, maskable=maskable, u=noise[..., 1:])
-    weight = masked / t.repeat_interleave(B, dim=1)
-    return _weighted_ce(model, x_t, x_0, mask, recipe, weight=weight) / (b * L)
+    n = torch.full((b, nb), float(B), device=dev) if maskable is None else maskable.view(b, nb, B).sum(-1).float()
+    # each row's noise in one draw (per block: t and the masker's scores for each pair of copies,
+    # and a score for the choice of blocks): a batch then equals the same rows split into micro-batches
+    pairs = (C + 1) // 2
+    draw = torch.rand(b, nb, pairs * (B + 1) + (recipe.noisy_blocks > 0), device=dev, generator=generator)
+    copies = []
+    for p in range(pairs):
+        noise = draw[..., p * (B + 1):(p + 1) * (B + 1)]
+        t = eps + (1 - eps) * noise[..., 0]
+        k = torch.round(t * n)
+        if recipe.min_masked:  # (and as many left to the complement, if it gets a copy)
+            lo = n.clamp(max=recipe.min_masked)
+            k = torch.maximum(torch.minimum(k, n - lo if len(copies) + 1 < C else n), lo)
+        _, masked = corrupt(x_0, recipe, t, k, recipe.beta, maskable=maskable, u=noise[..., 1:])
+        copies.append((masked, loss_weights(masked, t, k, n, recipe)))
+        if len(copies) < C:
+            rest = ~masked if maskable is None else maskable & ~masked
+            copies.append((rest, loss_weights(rest, 1 - t, n - k, n, recipe)))
+    blocks = None
+    if recipe.noisy_blocks:  # the blocks with something to mask first, a random choice among equals
+        if recipe.noisy_blocks > nb:
+            raise ValueError(f"noisy_blocks {recipe.noisy_blocks} is more than the {nb} blocks of a row")
+        blocks = ((n > 0) + draw[..., -1]).topk(recipe.noisy_blocks, dim=-1).indices.sort(-1).values
+    return copies, blocks
 
 
-def diffusion_bound(model, x_0, mask, recipe, generator=None):
+def diffusion_loss(model, x_0, recipe, maskable=None, generator=None, flex=False):
+    """The training loss: the noisy copies of `draw_masks` beside one clean copy in one forward;
+    the CE of every masked token, weighted (loss_weight: 1/t is the masked-diffusion bound), summed
+    and divided by the tokens b L (or, loss_norm='maskable', each row by its maskable tokens), and
+    averaged over the copies."""
+    b, L = x_0.shape
+    B, C, dev = recipe.block_size, recipe.noisy_copies, x_0.device
+    copies, blocks = draw_masks(x_0, recipe, maskable, generator)
+    gather = (lambda x: x) if blocks is None else \
+        (lambda x: x.view(b, L // B, B).gather(1, blocks[..., None].expand(-1, -1, B)).view(b, -1))
+    x_ts = [gather(torch.where(masked, recipe.mask_id, x_0)) for masked, _ in copies]
+    weight = torch.cat([gather(w) for _, w in copies], 1)
+    if recipe.pattern == "block":
+        layout = make_layout(L, B, C, blocks, dev)
+        idx, mask = torch.cat(x_ts + [x_0], 1), training_mask(recipe, L, dev, flex, layout if blocks is not None else None)
+    else:  # one stream: the noisy copy alone
+        idx, mask = x_ts[0], training_mask(recipe, L, dev, flex)
+        layout = Layout(torch.arange(L, device=dev), torch.ones(L, dtype=torch.long, device=dev), L)
+    logits = noisy_logits(model, idx, layout, mask, recipe)
+    if recipe.token_shift:  # nothing predicts the first token
+        weight = torch.where(layout.pos[..., :layout.n_noisy] > 0, weight, 0.0)
+    ce = F.cross_entropy(logits.flatten(0, 1), gather(x_0).repeat(1, C).flatten(), reduction="none")
+    if recipe.loss_norm == "tokens":
+        return (ce * weight.flatten()).sum() / (C * b * L)
+    n = L if maskable is None else maskable.sum(-1).clamp(min=1)  # rows with nothing to mask add 0
+    return ((ce.view(b, -1) * weight).sum(-1) / (C * n)).mean()
+
+
+@functools.lru_cache(maxsize=8)
+def _standard_mask(pattern, B, L, copies, device, flex):
+    return layout_mask(pattern, B, L, device, flex, make_layout(L, B, copies, device=device) if pattern == "block" else None)
+
+
+def training_mask(recipe, L, device, flex=False, layout=None):
+    """The attention mask of a training forward: built once per shape for layouts that every
+    row shares, every call for a layout of its own per row."""
+    if layout is not None:
+        return layout_mask(recipe.pattern, recipe.block_size, L, device, flex, layout)
+    return _standard_mask(recipe.pattern, recipe.block_size, L, recipe.noisy_copies, str(device), flex)
+
+
+def diffusion_bound(model, x_0, recipe, generator=None, flex=False):
     """The any-order bound in nats per token, comparable to an AR model's val loss: per block
     k ~ U{1..B}, a uniformly random k-subset masked, (1/k) sum of its CE; the mean over blocks.
-    Its expectation bounds the block-wise NLL from above. Whatever the training masking was,
-    this is scored with uniform masking."""
+    Its expectation bounds the block-wise NLL from above. Whatever the training masking and
+    layout were, this is scored with uniform masking in the standard layout."""
     b, L = x_0.shape
     B = recipe.block_size
     nb = L // B
     k = torch.randint(1, B + 1, (b, nb), device=x_0.device, generator=generator).float()
     x_t, masked = corrupt(x_0, recipe, k / B, k, 0.0, generator=generator)
     weight = masked / k.repeat_interleave(B, dim=1)
-    return _weighted_ce(model, x_t, x_0, mask, recipe, weight=weight) / (b * nb)
-
-
-def _weighted_ce(model, x_t, x_0, mask, recipe, weight):
+    mask = _standard_mask(recipe.pattern, B, L, 1, str(x_0.device), flex)
     logits = diffusion_logits(model, x_t, x_0, mask, recipe)
     if recipe.token_shift:
-        weight = weight.clone()
         weight[:, 0] = 0  # nothing predicts the first token
     ce = F.cross_entropy(logits.flatten(0, 1), x_0.flatten(), reduction="none")
-    return (ce * weight.flatten()).sum()
+    return (ce * weight.flatten()).sum() / (b * nb)
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from checkpoint import CharTokenizer
 from configurator import configure
 from model import (Decoding, ModelConfig, Recipe, Transformer, Window, attention_rule, block_logits, block_mask,
                    corrupt, dense_mask, diffusion_bound, diffusion_logits, diffusion_loss, generate_ar,
-                   generate_block, layout_mask)
+                   generate_block, layout_mask, make_layout)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +108,7 @@ def test_flex_attention_equals_dense(pattern):
 def test_compiled_flex_attention_equals_dense():
     from torch.nn.attention.flex_attention import flex_attention
     L, B = 64, 16
-    rule = attention_rule("block", B, n_noisy=L)
+    rule = attention_rule("block", B, make_layout(L, B))
     q, k, v = (torch.randn(1, 2, 2 * L, 16) for _ in range(3))
     idx = torch.arange(2 * L)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(rule, idx, idx))
@@ -315,9 +315,8 @@ def test_diffusion_loss_by_hand():
     b, L, B, V, mask_id = 2, 8, 4, 6, 5
     x_0 = torch.randint(0, 5, (b, L))
     logits = torch.randn(b, L, V, dtype=torch.float64, requires_grad=True)
-    mask = layout_mask("block", B, L, "cpu")
     recipe = Recipe(block_size=B, mask_id=mask_id, mask_half_life=0.1, t_eps=1e-3)
-    loss = diffusion_loss(FixedLogits(logits), x_0, mask, recipe, generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(FixedLogits(logits), x_0, recipe, generator=torch.Generator().manual_seed(3))
     # replay the same draws: per block t, then the masker's noise
     noise = torch.rand(b, L // B, B + 1, generator=torch.Generator().manual_seed(3))
     t = 1e-3 + (1 - 1e-3) * noise[..., 0]
@@ -339,7 +338,7 @@ def test_any_order_bound_by_hand():
     x_0 = torch.randint(0, 5, (b, L))
     logits = torch.randn(b, L, V, dtype=torch.float64)
     recipe = Recipe(block_size=B, mask_id=5)
-    bound = diffusion_bound(FixedLogits(logits), x_0, None, recipe, generator=torch.Generator().manual_seed(4))
+    bound = diffusion_bound(FixedLogits(logits), x_0, recipe, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
     k = torch.randint(1, B + 1, (b, L // B), generator=g).float()
     _, masked = corrupt(x_0, recipe, k / B, k, 0.0, generator=g)
@@ -349,7 +348,153 @@ def test_any_order_bound_by_hand():
     assert abs(bound.item() - sum(per_block).item() / len(per_block)) < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["ar", "dlm"])
+# ----------------------------------------------------------------------------------------
+# the recipe's layouts: kept blocks, several noisy copies, the loss weights
+
+def brute_force_layout_mask(L, B, copies, blocks):
+    """What each input of [noisy copies of `blocks` ; x_0] stands for, and the method's rule written
+    out input by input: a noisy block sees itself and the clean copy of earlier blocks; the
+    clean copy is block-causal; nothing outside a noisy block sees it."""
+    inputs = [("noisy", c, slot, blk * B + i) for c in range(copies) for slot, blk in enumerate(blocks) for i in range(B)]
+    inputs += [("clean", None, None, p) for p in range(L)]
+    m = torch.zeros(len(inputs), len(inputs), dtype=torch.bool)
+    for q, (kind_q, copy_q, slot_q, pos_q) in enumerate(inputs):
+        for k, (kind_k, copy_k, slot_k, pos_k) in enumerate(inputs):
+            if kind_q == "noisy" and kind_k == "noisy":
+                m[q, k] = copy_q == copy_k and slot_q == slot_k
+            elif kind_q == "noisy":
+                m[q, k] = pos_k // B < pos_q // B
+            elif kind_k == "clean":
+                m[q, k] = pos_k // B <= pos_q // B
+    return m
+
+
+@pytest.mark.parametrize("copies,kept", [(1, None), (2, None), (3, None), (1, [[0, 2], [1, 3]]), (2, [[1, 3], [0, 1]])])
+def test_layout_masks_match_brute_force(copies, kept):
+    L, B = 16, 4
+    blocks = None if kept is None else torch.tensor(kept)
+    mask = layout_mask("block", B, L, "cpu", layout=make_layout(L, B, copies, blocks))
+    if blocks is None:
+        assert torch.equal(mask, brute_force_layout_mask(L, B, copies, range(L // B)))
+    else:  # a layout of its own per row
+        for r, row in enumerate(kept):
+            assert torch.equal(mask[r, 0], brute_force_layout_mask(L, B, copies, row))
+
+
+def test_layout_flex_attention_equals_dense():
+    model = tiny_model(sharp=1.0, context_len=256).float()
+    L, B = 256, 16
+    blocks = torch.stack([torch.randperm(L // B, generator=torch.Generator().manual_seed(r))[:6].sort().values
+                          for r in range(2)])
+    layout = make_layout(L, B, 2, blocks)
+    idx = torch.randint(0, 24, (2, layout.pos.size(1)))
+    with torch.no_grad():
+        dense = model(idx, layout.pos, layout_mask("block", B, L, "cpu", layout=layout))
+        flex = model(idx, layout.pos, layout_mask("block", B, L, "cpu", flex=True, layout=layout))
+    assert (dense - flex).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_kept_blocks_and_copies_give_the_logits_of_the_full_layout(shift):
+    """Keeping some blocks of each noisy copy changes the cost, not the function: the logits of a
+    kept block equal those of the full one-copy layout at that block (same x_t); and each of
+    several copies gets the logits it would get alone."""
+    from model import noisy_logits
+    model = tiny_model(sharp=1.0)
+    L, B, mask_id = 32, 8, 23
+    recipe = Recipe(block_size=B, mask_id=mask_id, token_shift=shift)
+    g = torch.Generator().manual_seed(0)
+    x_0 = torch.randint(0, 23, (2, L), generator=g)
+    x_ts = [torch.where(torch.rand(2, L, generator=g) < 0.5, mask_id, x_0) for _ in range(2)]
+    alone = [diffusion_logits(model, x_t, x_0, layout_mask("block", B, L, "cpu"), recipe) for x_t in x_ts]
+    for blocks in (None, torch.tensor([[0, 2, 3], [1, 2, 3]])):
+        layout = make_layout(L, B, 2, blocks)
+        pick = (lambda x: x) if blocks is None else \
+            (lambda x: x.view(2, L // B, B, *x.shape[2:])[torch.arange(2)[:, None], blocks].flatten(1, 2))
+        idx = torch.cat([pick(x_t) for x_t in x_ts] + [x_0], 1)
+        logits = noisy_logits(model, idx, layout, layout_mask("block", B, L, "cpu", layout=layout), recipe)
+        n = layout.n_noisy // 2
+        for c in range(2):
+            assert (logits[:, c * n:(c + 1) * n] - pick(alone[c])).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("copies", [2, 4])
+def test_complementary_copies_cover_every_maskable_position_once(copies):
+    from model import draw_masks
+    B, L = 8, 64
+    g = torch.Generator().manual_seed(1)
+    x_0 = torch.randint(0, 20, (16, L), generator=g)
+    for maskable in (None, torch.rand(16, L, generator=g) < 0.4):
+        for min_masked in (0, 1):
+            recipe = Recipe(block_size=B, mask_id=23, noisy_copies=copies, min_masked=min_masked)
+            masks, blocks = draw_masks(x_0, recipe, maskable, generator=g)
+            allowed = torch.ones_like(x_0, dtype=torch.bool) if maskable is None else maskable
+            n = allowed.view(16, -1, B).sum(-1)
+            assert blocks is None and len(masks) == copies
+            for (a, _), (b, _) in zip(masks[0::2], masks[1::2]):  # each pair: every maskable position exactly once
+                assert torch.equal(a ^ b, allowed) and not (a & b).any()
+            if min_masked:  # a block with something to mask has at least one masked, and so does its complement
+                k = masks[0][0].view(16, -1, B).sum(-1)
+                assert (k[n >= 1] >= 1).all() and (n - k)[n >= 2].min() >= 1
+
+
+def test_kept_blocks_are_the_ones_with_something_to_mask():
+    from model import draw_masks
+    B, L = 4, 32
+    g = torch.Generator().manual_seed(2)
+    maskable = torch.zeros(3, L, dtype=torch.bool)
+    maskable[0, 5:7] = maskable[1, 20:30] = maskable[2, :] = True  # blocks {1}, {5, 6, 7}, all
+    masks, blocks = draw_masks(torch.zeros(3, L, dtype=torch.long), Recipe(block_size=B, mask_id=1, noisy_blocks=3),
+                               maskable, generator=g)
+    assert blocks.shape == (3, 3) and (blocks[:, 1:] > blocks[:, :-1]).all()  # in order
+    assert 1 in blocks[0].tolist() and blocks[1].tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("weight,norm,copies,blocks,min_masked", [
+    ("1/t", "tokens", 1, 0, 0), ("n/k", "tokens", 1, 0, 0), ("flat", "tokens", 1, 0, 0), ("1/t", "maskable", 1, 0, 0),
+    ("n/k", "maskable", 2, 0, 1), ("flat", "tokens", 2, 1, 0), ("1/t", "tokens", 3, 1, 1)])
+def test_loss_options_by_hand(weight, norm, copies, blocks, min_masked):
+    """Every weighting and normalisation, with copies and kept blocks, against a loop over rows,
+    copies, blocks and positions that replays the same draws."""
+    b, L, B, V, mask_id = 3, 8, 4, 6, 5
+    g0 = torch.Generator().manual_seed(0)
+    x_0 = torch.randint(0, 5, (b, L), generator=g0)
+    maskable = torch.rand(b, L, generator=g0) < 0.6
+    maskable[0, :4] = False  # a block with nothing to mask
+    logits = torch.randn(b, copies * (blocks or L // B) * B, V, dtype=torch.float64, generator=g0)
+    recipe = Recipe(block_size=B, mask_id=mask_id, noisy_copies=copies, noisy_blocks=blocks, min_masked=min_masked,
+                    loss_weight=weight, loss_norm=norm, mask_half_life=None)
+    loss = diffusion_loss(FixedLogits(logits), x_0, recipe, maskable=maskable, generator=torch.Generator().manual_seed(3))
+    # replay: one draw per row and block (t and scores per pair of copies, then the block choice)
+    pairs, nb = (copies + 1) // 2, L // B
+    draw = torch.rand(b, nb, pairs * (B + 1) + (blocks > 0), generator=torch.Generator().manual_seed(3))
+    total = [0.0] * b
+    for r in range(b):
+        n = [int(maskable[r, j * B:(j + 1) * B].sum()) for j in range(nb)]
+        kept = list(range(nb))
+        if blocks:  # a block with something to mask before one without, then the higher random score
+            kept = sorted(sorted(range(nb), key=lambda j: -((n[j] > 0) + draw[r, j, -1].item()))[:blocks])
+        for c in range(copies):
+            for slot, j in enumerate(kept):
+                t = 1e-3 + (1 - 1e-3) * draw[r, j, (c // 2) * (B + 1)].item()
+                k = round(t * n[j])
+                if min_masked:
+                    lo = min(n[j], min_masked)
+                    k = max(min(k, n[j] - lo if c // 2 * 2 + 1 < copies else n[j]), lo)
+                scores = [draw[r, j, (c // 2) * (B + 1) + 1 + i].item() if maskable[r, j * B + i] else -1.0 for i in range(B)]
+                first = sorted(range(B), key=lambda i: -scores[i])[:k]  # uniform masking: the k highest scores
+                masked = first if c % 2 == 0 else [i for i in range(B) if maskable[r, j * B + i] and i not in first]
+                t_c, k_c = (t, k) if c % 2 == 0 else (1 - t, n[j] - k)
+                w = {"1/t": 1 / t_c, "n/k": n[j] / max(k_c, 1), "flat": 1.0}[weight]
+                for i in masked:
+                    row = logits[r, (c * len(kept) + slot) * B + i]
+                    total[r] += -torch.log_softmax(row, -1)[x_0[r, j * B + i]].item() * w
+    want = sum(total) / (copies * b * L) if norm == "tokens" else \
+        sum(t / (copies * max(int(maskable[r].sum()), 1)) for r, t in enumerate(total)) / b
+    assert abs(loss.item() - want) < 1e-5 * abs(want)
+
+
+@pytest.mark.parametrize("mode", ["ar", "dlm", "dlm-options"])
 def test_loss_does_not_depend_on_gradient_accumulation(mode):
     """One batch of 2b rows gives the gradient of two accumulated micro-batches of b rows (each
     loss divided by the number of micro-steps), drawing masks from the same generator."""
@@ -359,16 +504,22 @@ def test_loss_does_not_depend_on_gradient_accumulation(mode):
     x_0, B = torch.randint(0, 11, (4, 16)), 4
     mask = layout_mask("causal" if mode == "ar" else "block", B, 16, "cpu")
 
-    def loss(rows, g):
+    def loss(rows, g, rows_maskable):
         if mode == "ar":
             return F.cross_entropy(model(rows[:, :-1], torch.arange(15), mask[:15, :15]).flatten(0, 1), rows[:, 1:].flatten())
-        return diffusion_loss(model, rows, mask, Recipe(block_size=B, mask_id=11, mask_half_life=0.1), generator=g)
+        if mode == "dlm":
+            return diffusion_loss(model, rows, Recipe(block_size=B, mask_id=11, mask_half_life=0.1), generator=g)
+        recipe = Recipe(block_size=B, mask_id=11, noisy_copies=2, noisy_blocks=3, min_masked=1, loss_weight="n/k",
+                        loss_norm="maskable", token_shift=True)
+        return diffusion_loss(model, rows, recipe, maskable=rows_maskable, generator=g)
+
+    maskable = torch.rand(4, 16, generator=torch.Generator().manual_seed(6)) < 0.5
 
     def grads(micro):
         model.zero_grad()
         g = torch.Generator().manual_seed(5)
-        for rows in x_0.chunk(micro):
-            (loss(rows, g) / micro).backward()
+        for rows, rows_maskable in zip(x_0.chunk(micro), maskable.chunk(micro)):
+            (loss(rows, g, rows_maskable) / micro).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
     one, two = grads(1), grads(2)
     assert one.abs().max() > 0 and torch.allclose(one, two, rtol=1e-9, atol=1e-12)
@@ -570,12 +721,16 @@ def checkpoint_tensors(path):
     return list(ckpt["model"].values()) + [v for k in sorted(state) for v in state[k].values()]
 
 
-@pytest.mark.parametrize("mode", ["ar", "dlm"])
+RECIPE_FLAGS = ["--noisy_copies=2", "--noisy_blocks=3", "--min_masked=1", "--loss_weight=n/k", "--loss_norm=maskable"]
+
+
+@pytest.mark.parametrize("mode", ["ar", "dlm", "dlm-options"])
 def test_resume_is_exact(workdir, mode):
     """8 iterations straight equal 4, a restart from the checkpoint, and 4 more: the same
     weights, optimizer state and losses (the data and masks of iteration i are drawn from
-    generators seeded by i, so nothing else needs restoring)."""
-    common = [*TINY, f"--mode={mode}", "--block_size=8", "--eval_interval=4", "--lr_decay_iters=8", "--warmup_iters=2"]
+    generators seeded by i, so nothing else needs restoring); also with every recipe option."""
+    common = [*TINY, f"--mode={mode[:3].strip('-')}", "--block_size=8", "--eval_interval=4", "--lr_decay_iters=8",
+              "--warmup_iters=2", *(RECIPE_FLAGS if mode == "dlm-options" else [])]
     code, out, err = run("train.py", *common, f"--out_dir=resume-{mode}-a", "--max_iters=8", cwd=workdir)
     assert code == 0, err
     straight = losses(out)
@@ -595,9 +750,9 @@ def test_distributed_equals_one_process_with_accumulation(workdir, ar_run, fsdp)
     """torchrun with 2 processes (gloo, CPU) and 1 micro-step each, under DDP or FSDP: the same
     loss and the same updated weights as 1 process with 2 accumulated micro-steps, for an AR and
     a dLM step; and a run resumed under FSDP continues it."""
-    for mode in ("ar", "dlm"):
+    for mode, options in (("ar", []), ("dlm", RECIPE_FLAGS), ("dlm", [])):  # the recipe options too
         common = [*TINY, f"--init_from={ar_run.name}", f"--mode={mode}", "--block_size=8", "--max_iters=1",
-                  "--eval_interval=1", "--gradient_accumulation_steps=2", "--log_interval=1", "--warmup_iters=0"]
+                  "--eval_interval=1", "--gradient_accumulation_steps=2", "--log_interval=1", "--warmup_iters=0", *options]
         code, out, err = run("train.py", *common, f"--out_dir=dist-{mode}-1", cwd=workdir)
         assert code == 0, err
         one = [line for line in out.splitlines() if line.startswith("iter 1:")]

@@ -65,11 +65,20 @@ block_size = 16             # the diffusion block: tokens denoised together (the
 mask_half_life = 0.1        # the paper's lambda for position-dependent masking; None or 0: uniform
 token_shift = False         # True: logits at i-1 predict token i (Dream style; an ablation)
 t_eps = 1e-3                # t ~ U(t_eps, 1)
+# what a dlm training forward spends its compute on (the defaults are the paper's; model.py, Recipe)
+noisy_copies = 1            # noisy copies beside one clean copy; a second one masks the complement of the first
+noisy_blocks = 0            # blocks per noisy copy, those with maskable tokens first (answers_only); 0: every block
+min_masked = 0              # at least this many masked per block that has maskable tokens
+loss_weight = "1/t"         # a masked token's weight: '1/t' (the paper), 'n/k' (the realised mask ratio), 'flat'
+loss_norm = "tokens"        # divide by the 'tokens' (b L), or each row by its 'maskable' tokens
 # LoRA (0: full training): adapters on every attention and MLP linear, merged into plain weights on save
 lora_rank = 0               # >0: train LoRA adapters of this rank instead of all weights
 lora_alpha = 32.0           # the adapters' scale is lora_alpha / lora_rank
 lora_train_others = True    # embeddings, norms and head trainable (the paper's choice) or frozen
-answers_only = False        # dlm: prompts stay clean, only answers are masked (data/<dataset>/<split>.answers.bin)
+answers_only = False        # only answers are learned (data/<dataset>/<split>.answers.bin): dlm masks only answers,
+                            # prompts stay clean; ar scores the next-token loss of answer tokens only
+align_windows = False       # training windows start right after an end token (a problem or document boundary),
+                            # as prompts do when decoding
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3        # peak learning rate
 max_iters = 2000            # iterations in all
@@ -141,8 +150,15 @@ if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
     sys.exit(f"error: {meta_path} has mask_id {meta.get('mask_id')} outside the vocabulary of {meta['vocab_size']}; "
              f"a dLM needs a mask token: run the dataset's prepare.py again")
 # the block-diffusion recipe, built once: the loss, the bound and (from the checkpoint) the decoder read it
-recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
-                mask_half_life=mask_half_life, t_eps=t_eps) if mode == "dlm" else None
+try:
+    recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
+                    mask_half_life=mask_half_life, t_eps=t_eps, noisy_copies=noisy_copies, noisy_blocks=noisy_blocks,
+                    min_masked=min_masked, loss_weight=loss_weight, loss_norm=loss_norm) if mode == "dlm" else None
+except ValueError as e:
+    sys.exit(f"error: {e} (--noisy_copies, --noisy_blocks, --min_masked, --loss_weight, --loss_norm)")
+if recipe and recipe.noisy_blocks > context_len // block_size:
+    sys.exit(f"error: noisy_blocks {noisy_blocks} is more than the {context_len // block_size} blocks of a "
+             f"context_len {context_len} window (--noisy_blocks)")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
@@ -161,28 +177,37 @@ for split in ("train", "val"):
                  f"{meta_path}; the data and its meta.json do not match: run prepare.py again")
 
 
-use_answers = mode == "dlm" and answers_only
+use_answers = answers_only
 if use_answers and not os.path.exists(os.path.join(data_dir, "train.answers.bin")):
     sys.exit(f"error: answers_only=True needs {data_dir}/train.answers.bin (which tokens are answers); "
              f"data/tasks/prepare.py writes one, or use answers_only=False")
+window_starts = {}  # split -> where a window may start: right after an end token (align_windows)
+if align_windows:
+    if meta.get("end_id") is None:
+        sys.exit(f"error: align_windows=True needs an end token between problems or documents, and {meta_path} has "
+                 f"none; use align_windows=False")
+    for split in ("train", "val"):
+        tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+        starts = np.concatenate([[0], np.flatnonzero(tokens == meta["end_id"]) + 1])
+        window_starts[split] = torch.from_numpy(starts[starts < len(tokens) - context_len - 1])
 
 
 def get_batch(split, generator):
-    """(x, maskable): context_len + 1 tokens per row, and which of the first context_len may be
-    masked (None: all of them)."""
+    """(x, answer): context_len + 1 tokens per row, and which of them are answer tokens (None:
+    no answers_only)."""
     # recreate the memmap every batch: a long-lived np.memmap keeps growing memory
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-    ix = torch.randint(len(data) - context_len - 1, (batch_size,), generator=generator).tolist()
+    if align_windows:
+        starts = window_starts[split]
+        ix = starts[torch.randint(len(starts), (batch_size,), generator=generator)].tolist()
+    else:
+        ix = torch.randint(len(data) - context_len - 1, (batch_size,), generator=generator).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + context_len + 1].astype(np.int64)) for i in ix])
     if not use_answers:
         return x.to(device, non_blocking=True), None
     answers = np.memmap(os.path.join(data_dir, f"{split}.answers.bin"), dtype=np.uint8, mode="r")
-    answer = torch.stack([torch.from_numpy(answers[i:i + context_len] != 0) for i in ix])
-    # when decoding, a block is masked from its first answer token to its end, past the end token
-    # too: so may it be here (a prompt's own tokens stay clean, and the masks do not tell where
-    # an answer ends)
-    maskable = answer.view(batch_size, -1, block_size).cummax(-1).values.view(batch_size, context_len)
-    return x.to(device, non_blocking=True), maskable.to(device, non_blocking=True)
+    answer = torch.stack([torch.from_numpy(answers[i:i + context_len + 1] != 0) for i in ix])
+    return x.to(device, non_blocking=True), answer.to(device, non_blocking=True)
 
 
 # model
@@ -208,8 +233,9 @@ if init_from != "scratch":
                  f"{meta['vocab_size']}; use the dataset the checkpoint was trained on")
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "answers_only", "dataset", "seed",
-                    "lora_rank", "lora_alpha", "lora_train_others"):
+        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "noisy_copies",
+                    "noisy_blocks", "min_masked", "loss_weight", "loss_norm", "answers_only", "align_windows", "dataset",
+                    "seed", "lora_rank", "lora_alpha", "lora_train_others"):
             if config[key] != checkpoint["config"].get(key, defaults[key]):
                 sys.exit(f"error: resuming a run trained with {key}={checkpoint['config'].get(key, defaults[key])!r} but {key}="
                          f"{config[key]!r} was given; resume with the run's own config file")
@@ -291,22 +317,33 @@ if ddp and not fsdp:
     train_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
                       broadcast_buffers=False)
 
-# the attention mask is the same every step: build it once. On CUDA, a FlexAttention BlockMask
-# (tiles that are fully masked are skipped); on CPU, the dense boolean mask from the same rule.
+# On CUDA, attention masks are FlexAttention BlockMasks (tiles that are fully masked are skipped);
+# on CPU, dense boolean masks from the same rule. The AR mask is the same every step: built once.
 flex = device_type == "cuda"
-pattern = "causal" if mode == "ar" else attention
-mask = layout_mask(pattern, block_size, context_len, device, flex=flex)
+causal_mask = layout_mask("causal", 1, context_len, device, flex=flex)
 
 
-def compute_loss(model, batch, generator, eval_bound=False):
-    x, maskable = batch
+def compute_loss(model, batch, generator, evaluating=False):
+    """The training loss of a batch; evaluating: the AR next-token loss of every token, or a
+    dLM's any-order bound, whatever the training objective."""
+    x, answer = batch
     if mode == "ar":
-        logits = model(x[:, :-1], torch.arange(context_len, device=x.device), mask)
-        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        logits = model(x[:, :-1], torch.arange(context_len, device=x.device), causal_mask)
+        if answer is None or evaluating:
+            return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        # answer tokens only, divided by all the tokens: the scale does not depend on the batch's share of answers
+        ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        return (ce * answer[:, 1:].flatten()).sum() / ce.numel()
     x_0 = x[:, :-1]
-    if eval_bound:
-        return diffusion_bound(model, x_0, mask, recipe, generator)
-    return diffusion_loss(model, x_0, mask, recipe, maskable=maskable, generator=generator)
+    if evaluating:
+        return diffusion_bound(model, x_0, recipe, generator, flex=flex)
+    maskable = None
+    if answer is not None:
+        # when decoding, a block is masked from its first answer token to its end, past the end
+        # token too: so may it be here (a prompt's own tokens stay clean, and the masks do not
+        # tell where an answer ends)
+        maskable = answer[:, :-1].view(x.size(0), -1, block_size).cummax(-1).values.view(x.size(0), context_len)
+    return diffusion_loss(model, x_0, recipe, maskable=maskable, generator=generator, flex=flex)
 
 
 @torch.no_grad()
@@ -321,7 +358,7 @@ def estimate_loss():
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             with autocast:
-                losses[k] = compute_loss(model, get_batch(split, gen), device_gen, eval_bound=True).item()
+                losses[k] = compute_loss(model, get_batch(split, gen), device_gen, evaluating=True).item()
         out[split] = losses.mean().item()
     model.train()
     return out
