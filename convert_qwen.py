@@ -1,10 +1,16 @@
 """
 Convert a Hugging Face Qwen2 / Qwen2.5 / Qwen3 checkpoint and its tokenizer into our format: a
 ckpt.pt that train.py (init_from=<out_dir>) and sample.py (--out_dir=<out_dir>) load directly,
-and the tokenizer as a tiktoken vocabulary file (tokenizer.tiktoken) beside it.
+and the tokenizer as a tiktoken vocabulary file (tokenizer.tiktoken) beside it; or, with
+--to_hf=True, the other way: export one of our runs as a Hugging Face folder.
 
     hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B      # needs internet (pip install huggingface_hub)
     python convert_qwen.py --hf_dir=Qwen3-0.6B --out_dir=out-qwen3-0.6b
+    python convert_qwen.py --to_hf=True --out_dir=out-qwen3-0.6b-dlm --hf_dir=qwen3-0.6b-dlm   # and back out
+
+hf_dir is always the Hugging Face folder and out_dir always our run; to_hf picks the direction.
+An exported folder loads in transformers (AutoModelForCausalLM) and comes back through this
+script as the same run: the weights bit for bit, the block-diffusion recipe, the settings.
 
 Nothing but torch, numpy and tiktoken is needed: the safetensors format (an 8-byte header
 length, a JSON header, then raw little-endian tensors) is read here, memory-mapped, so that a
@@ -17,7 +23,9 @@ import base64
 import json
 import mmap
 import os
+import shutil
 import sys
+import time
 import unicodedata
 import warnings
 
@@ -27,11 +35,14 @@ from checkpoint import CheckpointError, save_checkpoint
 from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
-hf_dir = ""                     # the downloaded Hugging Face checkpoint (config.json, *.safetensors, tokenizer.json)
-out_dir = ""                    # where to write our run (ckpt.pt and the tokenizer)
+hf_dir = ""                     # the Hugging Face folder (config.json, *.safetensors, tokenizer.json)
+out_dir = ""                    # our run (ckpt.pt and the tokenizer)
+to_hf = False                   # the direction: False reads hf_dir into out_dir; True exports out_dir as hf_dir
 dtype = "auto"                  # 'auto' (as stored), 'float32', 'bfloat16', 'float16'
 mask_token = "<|fim_pad|>"      # the released Efficient-DLM models use this unused token as [MASK]
 context_len = 4096              # longest sequence the converted model reads (sizes its rope tables and KV cache)
+max_shard_size = "2GB"          # export: safetensors files up to this size, with an index when there are several
+threshold = 0.9                 # export: the decoding threshold the model card and config.json suggest
 # -----------------------------------------------------------------------------
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -219,7 +230,7 @@ class Tokenizer:
     def __init__(self, pattern, ranks, special, name="qwen"):
         import tiktoken
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-        self.special = special
+        self.pattern, self.ranks, self.special = pattern, ranks, special
 
     def encode(self, text, allow_special=False):
         text = unicodedata.normalize("NFC", text)
@@ -250,39 +261,55 @@ def load_tokenizer(out_dir):
 
 
 # ----------------------------------------------------------------------------------------
+# Hugging Face -> ours
 
 def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len=4096):
-    """Writes out_dir/ckpt.pt, tokenizer.tiktoken and tokenizer.json. Returns the model args."""
+    """Writes out_dir/ckpt.pt, tokenizer.tiktoken and tokenizer.json. Returns the model args. A
+    folder that this script exported (config.json has a "block_diffusion" key) comes back as
+    the run it was: the same architecture, weights, recipe, settings and vocabulary."""
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise ConversionError(f"no config.json in {hf_dir!r}; pass the folder of a downloaded Hugging Face checkpoint")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    args = model_args_from_hf(cfg, context_len)
+    ours = cfg.get("block_diffusion")
+    args = dict(ours["model_args"]) if ours else model_args_from_hf(cfg, context_len)
     to = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "?")
     if to == "?":
-        raise ConversionError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    state = convert_weights(read_hf_weights(hf_dir), args, to)
+        raise ConversionError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r} (--dtype)")
+    tensors = read_hf_weights(hf_dir)
+    if ours:  # the all-zero biases an export adds where the Hugging Face class has them and our model does not
+        tensors = {k: v for k, v in tensors.items() if k not in ours.get("zero_tensors", [])}
+    state = convert_weights(tensors, args, to)
 
     tok_path = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise ConversionError(f"no tokenizer.json in {hf_dir}")
-    pattern, ranks, special = tokenizer_from_hf(tok_path)
-    if mask_token not in special:
-        raise ConversionError(f"mask_token {mask_token!r} is not a special token of this tokenizer; "
-                              f"pick one of {sorted(special)[:12]}")
-    if "<|endoftext|>" not in special:
-        raise ConversionError("the tokenizer has no <|endoftext|> token to separate documents with")
-    ids = {t: special[t] for t in END_TOKENS if t in special}
-    top = max(list(special.values()) + [len(ranks) - 1])
-    if top >= args["vocab_size"]:
-        raise ConversionError(f"the tokenizer has id {top} but the model only {args['vocab_size']} embeddings")
-    meta = dict(vocab_size=args["vocab_size"], tokenizer="tiktoken", mask_id=special[mask_token], mask_token=mask_token,
-                end_id=ids.get("<|endoftext|>"), end_ids=list(ids.values()), special_tokens=special, dtype="uint32")
-    config = dict(mode="ar", dataset="", init_from=str(hf_dir), context_len=args["context_len"])
+    if ours and ours["meta"].get("tokenizer") != "tiktoken":  # a character vocabulary: it travels in config.json
+        meta, tokenizer = ours["meta"], None
+    else:
+        if not os.path.exists(tok_path):
+            raise ConversionError(f"no tokenizer.json in {hf_dir}")
+        tokenizer = tokenizer_from_hf(tok_path)
+        pattern, ranks, special = tokenizer
+        mask_token = ours["meta"]["mask_token"] if ours else mask_token
+        if mask_token not in special:
+            raise ConversionError(f"mask_token {mask_token!r} is not a special token of this tokenizer; "
+                                  f"pick one of {sorted(special)[:12]} (--mask_token)")
+        if "<|endoftext|>" not in special:
+            raise ConversionError("the tokenizer has no <|endoftext|> token to separate documents with")
+        ids = {t: special[t] for t in END_TOKENS if t in special}
+        top = max(list(special.values()) + [len(ranks) - 1])
+        if top >= args["vocab_size"]:
+            raise ConversionError(f"the tokenizer has id {top} but the model only {args['vocab_size']} embeddings")
+        meta = ours["meta"] if ours else dict(
+            vocab_size=args["vocab_size"], tokenizer="tiktoken", mask_id=special[mask_token], mask_token=mask_token,
+            end_id=ids.get("<|endoftext|>"), end_ids=list(ids.values()), special_tokens=special, dtype="uint32")
+    config = ours["trained_with"] if ours else dict(mode="ar", dataset="", init_from=str(hf_dir),
+                                                    context_len=args["context_len"])
     os.makedirs(out_dir, exist_ok=True)
-    save_tokenizer(out_dir, pattern, ranks, special)
-    ckpt = dict(model=state, model_args=args, recipe=None, iter_num=0, best_val_loss=float("inf"), config=config, meta=meta)
+    if tokenizer:
+        save_tokenizer(out_dir, *tokenizer)
+    ckpt = dict(model=state, model_args=args, recipe=ours["recipe"] if ours else None, iter_num=0,
+                best_val_loss=float("inf"), config=config, meta=meta)
     try:
         save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
     except CheckpointError as e:
@@ -290,15 +317,220 @@ def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len
     return args
 
 
+# ----------------------------------------------------------------------------------------
+# ours -> Hugging Face: config.json, safetensors written here, tokenizer.json, a model card
+
+SAFETENSORS_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path, tensors):
+    """One .safetensors file: an 8-byte little-endian header length, the JSON header (padded to
+    8 bytes), then each tensor's raw little-endian bytes, in the header's order."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + size])
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+def hf_config(args, meta, dtype):
+    """config.json in Hugging Face's Qwen3 form (q/k norms) or Qwen2 form (q/k/v biases)."""
+    qwen3 = args["qk_norm"]
+    theta = args["rope_theta"]
+    cfg = dict(architectures=["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"], model_type="qwen3" if qwen3 else "qwen2",
+               vocab_size=args["vocab_size"], hidden_size=args["n_embd"], intermediate_size=args["intermediate_size"],
+               num_hidden_layers=args["n_layer"], num_attention_heads=args["n_head"],
+               num_key_value_heads=args["n_kv_head"], head_dim=args["head_dim"] or args["n_embd"] // args["n_head"],
+               max_position_embeddings=args["context_len"], rms_norm_eps=args["norm_eps"], hidden_act="silu",
+               rope_theta=theta, rope_parameters=dict(rope_type="default", rope_theta=theta),
+               tie_word_embeddings=args["tie_embeddings"], use_sliding_window=False, use_cache=True,
+               torch_dtype=str(dtype).removeprefix("torch."))
+    if qwen3:
+        cfg["attention_bias"] = args["qkv_bias"]
+    if meta.get("end_ids"):
+        cfg["eos_token_id"] = meta["end_ids"][0] if len(meta["end_ids"]) == 1 else meta["end_ids"]
+    return cfg
+
+
+def hf_weights(state, args):
+    """Hugging Face's names for our weights, and the all-zero tensors its class needs besides:
+    Qwen2's q/k/v biases for a model without them, the o_proj bias of Qwen3 with biases."""
+    tensors = {hf_name(k): v for k, v in state.items() if not (args["tie_embeddings"] and k == "lm_head.weight")}
+    zeros = {}
+    for i in range(args["n_layer"]):
+        p = f"model.layers.{i}.self_attn"
+        wanted = ("q", "k", "v") if not args["qk_norm"] and not args["qkv_bias"] else \
+            ("o",) if args["qk_norm"] and args["qkv_bias"] else ()
+        for x in wanted:
+            w = tensors[f"{p}.{x}_proj.weight"]
+            zeros[f"{p}.{x}_proj.bias"] = torch.zeros(w.size(0), dtype=w.dtype)
+    return dict(tensors, **zeros), sorted(zeros)
+
+
+def hf_tokenizer_json(pattern, ranks, special):
+    """A Hugging Face tokenizer.json (byte-level BPE, NFC in front, Qwen's split regex) for a
+    tiktoken vocabulary. BPE needs the merges, which tiktoken does not store: the merge that
+    makes a token is the split into two parts that BPE reaches using only lower ranks."""
+    to_text = {b: c for c, b in byte_decoder().items()}
+    text = lambda bs: "".join(to_text[b] for b in bs)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            best = min(((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))))
+            if best[0] >= rank:
+                break
+            parts[best[1]:best[1] + 2] = [parts[best[1]] + parts[best[1] + 1]]
+        if len(parts) != 2 or parts[0] + parts[1] != token:
+            raise ConversionError(f"token {token!r} (id {rank}) is not a merge of two lower-ranked tokens")
+        merges.append([text(parts[0]), text(parts[1])])
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)
+    added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+             for t, i in sorted(special.items(), key=lambda kv: kv[1])]
+    return dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=dict(type="NFC"),
+                pre_tokenizer=dict(type="Sequence", pretokenizers=[
+                    dict(type="Split", pattern=dict(Regex=pattern), behavior="Isolated", invert=False), byte_level]),
+                post_processor=byte_level, decoder=byte_level,
+                model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                           fuse_unk=False, byte_fallback=False, ignore_merges=False,
+                           vocab={text(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])}, merges=merges))
+
+
+def model_card(name, args, recipe, config, meta, threshold):
+    kind = "Qwen3" if args["qk_norm"] else "Qwen2"
+    what = (f"a block-diffusion language model: it decodes blocks of {recipe['block_size']} tokens, committing every "
+            f"token at least {threshold} confident per forward (attention '{recipe['pattern']}', token shift "
+            f"{recipe['token_shift']}, mask token {meta.get('mask_token', meta['mask_id'])!r})") if recipe else \
+        "an autoregressive language model (not yet converted into a block-diffusion LM)"
+    trained = ", ".join(f"{k}={config[k]!r}" for k in ("init_from", "dataset", "mode", "max_iters", "batch_size", "context_len",
+                                                      "learning_rate", "answers_only", "noisy_copies", "loss_weight")
+                        if k in config)
+    tok = "The tokenizer files are Hugging Face's (tokenizer.json)." if meta.get("tokenizer") == "tiktoken" else \
+        ("It has no Hugging Face tokenizer: its vocabulary is one id per character, listed in config.json under "
+         "block_diffusion.meta.itos.")
+    return f"""# {name}
+
+{kind}-style weights ({args['n_layer']} layers x {args['n_embd']}, vocabulary {args['vocab_size']:,}, context
+{args['context_len']}), exported by nano block diffusion's convert_qwen.py. The model is {what}.
+
+How it was trained: {trained}. The block-diffusion settings are in config.json under "block_diffusion".
+{tok}
+
+transformers loads it as a causal LM (`AutoModelForCausalLM.from_pretrained`), which decodes one token at a time.
+To decode it block by block with nano block diffusion:
+
+    python convert_qwen.py --hf_dir={name} --out_dir=out-{name}
+    python sample.py --out_dir=out-{name} --threshold={threshold}
+"""
+
+
+def parse_size(text):
+    """'2GB', '500MB', '40KB' or a number of bytes -> bytes."""
+    units = dict(KB=2 ** 10, MB=2 ** 20, GB=2 ** 30)
+    t = str(text).strip().upper()
+    try:
+        return int(float(t[:-2]) * units[t[-2:]]) if t[-2:] in units else int(t)
+    except ValueError:
+        raise ConversionError(f"max_shard_size must be like '2GB', '500MB' or a number of bytes, got {text!r}") from None
+
+
+def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
+    """Writes our run out_dir as a Hugging Face folder hf_dir: config.json (with our settings
+    under "block_diffusion"), the weights as safetensors (sharded above max_shard_size, with an
+    index), the tokenizer and a model card. Written into a temporary folder that is renamed at
+    the end, so a failed export leaves nothing that looks complete. Returns a summary."""
+    from checkpoint import load_checkpoint, recipe_of, recipe_record
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir):
+        raise ConversionError(f"{hf_dir} exists and is not empty; nothing was written: pass a new --hf_dir")
+    try:
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    args, meta, config = dict(ckpt["model_args"]), ckpt["meta"], ckpt["config"]
+    recipe = recipe_record(recipe_of(ckpt))
+    to = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "?")
+    if to == "?":
+        raise ConversionError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r} (--dtype)")
+    state = {k: v if to is None else v.to(to) for k, v in ckpt["model"].items()}
+    tensors, zero_names = hf_weights(state, args)
+    limit = parse_size(max_shard_size)
+    cfg = hf_config(args, meta, next(iter(state.values())).dtype)
+    cfg["block_diffusion"] = dict(format="nano block diffusion", recipe=recipe, suggested_threshold=threshold,
+                                  model_args=args, meta=meta, trained_with=config, zero_tensors=zero_names)
+    shards, size = [[]], 0
+    for name, t in tensors.items():  # greedy: a new shard when the next tensor would pass the limit
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    tmp = hf_dir.rstrip("/") + ".partial"
+    if os.path.exists(tmp):  # left by an export that failed: ours to remove
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        files, total = {}, 0
+        for i, names in enumerate(shards):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            total += write_safetensors(os.path.join(tmp, file), {k: tensors[k] for k in names})
+            files.update({k: file for k in names})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(dict(metadata=dict(total_size=total), weight_map=files), f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=1, ensure_ascii=False)
+        if meta.get("tokenizer") == "tiktoken":
+            tokenizer = load_tokenizer(out_dir)
+            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+                json.dump(hf_tokenizer_json(tokenizer.pattern, tokenizer.ranks, tokenizer.special), f, ensure_ascii=False)
+            end = meta["end_ids"][-1] if meta.get("end_ids") else None
+            names = {i: t for t, i in tokenizer.special.items()}
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=names.get(end),
+                               pad_token=names.get(meta.get("end_id")), model_max_length=args["context_len"],
+                               chat_template=CHAT_TEMPLATE), f, indent=1, ensure_ascii=False)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(os.path.basename(os.path.normpath(hf_dir)), args, recipe, config, meta, threshold))
+        if os.path.isdir(hf_dir):
+            os.rmdir(hf_dir)  # empty, checked above
+        os.replace(tmp, hf_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"could not write {hf_dir} ({e}); nothing was left behind") from None
+    return dict(files=len(shards), bytes=total, tensors=len(tensors), kind=cfg["model_type"])
+
+
+# Qwen's chat turns, as sample.py --chat=True writes them
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 if __name__ == "__main__":
     from configurator import load_config
     load_config(globals())
     if not hf_dir or not out_dir:
-        sys.exit("error: pass --hf_dir=<downloaded Hugging Face checkpoint> and --out_dir=<where to write ours>")
+        sys.exit("error: pass --hf_dir=<the Hugging Face folder> and --out_dir=<our run>")
     try:
-        args = convert(hf_dir, out_dir, dtype, mask_token, context_len)
+        if to_hf:
+            t0 = time.time()
+            summary = export(out_dir, hf_dir, dtype, max_shard_size, threshold)
+            print(f"exported {out_dir} -> {hf_dir}: {summary['kind']} config.json, {summary['tensors']} tensors in "
+                  f"{summary['files']} safetensors file(s), {summary['bytes'] / 2 ** 20:.1f} MiB, {time.time() - t0:.1f} s")
+        else:
+            args = convert(hf_dir, out_dir, dtype, mask_token, context_len)
+            print(f"converted {hf_dir} -> {out_dir}/ckpt.pt ({args['n_layer']} layers x {args['n_embd']}, "
+                  f"{'Qwen3' if args['qk_norm'] else 'Qwen2'}-style, vocab {args['vocab_size']:,}, "
+                  f"context {args['context_len']})")
     except ConversionError as e:
         sys.exit(f"error: {e}")
-    print(f"converted {hf_dir} -> {out_dir}/ckpt.pt ({args['n_layer']} layers x {args['n_embd']}, "
-          f"{'Qwen3' if args['qk_norm'] else 'Qwen2'}-style, vocab {args['vocab_size']:,}, context {args['context_len']}); "
-          f"tokenizer -> {out_dir}/tokenizer.tiktoken")

@@ -14,6 +14,7 @@ layout and the loss change. Parameter names follow Hugging Face's Qwen models wi
 "model." dropped, so a real checkpoint maps onto this one by a rename.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -238,7 +239,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.cache = None
 
-    def forward(self, x, cos, sin, mask, start):
+    def forward(self, x, cos, sin, mask, pos):
         b, T, _ = x.shape
         q = self.q_proj(x).view(b, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -247,7 +248,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(start, k, v)
+            k, v = self.cache.update(pos, k, v)
         if isinstance(mask, BlockMask):
             y = flex_attention_fn()(q, k, v, block_mask=mask, enable_gqa=True)
         else:
@@ -284,8 +285,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+    def forward(self, x, cos, sin, mask, pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -302,10 +303,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start, k, v):
-        T = k.size(2)
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
+    def update(self, pos, k, v):
+        """Writes the keys and values of the tokens at positions pos (T,) (a tensor: the same
+        code serves every step, wherever it stands) and returns the whole cache."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
         return self.k, self.v
 
 
@@ -335,9 +337,9 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos, mask, start=0, logits_slice=slice(None)):
+    def forward(self, idx, pos, mask, logits_slice=slice(None)):
         """idx (b, T) token ids at rotary positions pos (T,) or (b, T); mask: dense bool (T, keys) or a
-        BlockMask. With a KV cache set up, the T new keys are written at start..start+T-1 and
+        BlockMask. With a KV cache set up, the T new keys are written at their positions and
         the queries attend to the whole cache (keys = cache length). Returns float32 logits of
         the inputs in logits_slice (the head is the costliest layer of a big-vocabulary model,
         so only the positions needed go through it)."""
@@ -346,17 +348,23 @@ class Transformer(nn.Module):
         if pos.dim() == 2:  # positions per row: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, start)
+            x = layer(x, cos, sin, mask, pos)
         x = self.norm(x[:, logits_slice])
         return self.lm_head(x).float()
 
     def setup_cache(self, batch_size, dtype=None):
-        p = self.embed_tokens.weight
-        for layer in self.layers:
-            layer.self_attn.cache = KVCache((batch_size, self.config.n_kv_head, self.config.context_len,
-                                             self.config.head_dim), dtype or p.dtype, p.device)
+        """Attaches a static KV cache to every layer: the one of the last generation if it has the
+        same shape (what it holds is never read before it is written again), else a new one."""
+        p, cfg = self.embed_tokens.weight, self.config
+        shape, dtype = (batch_size, cfg.n_kv_head, cfg.context_len, cfg.head_dim), dtype or p.dtype
+        kept = self.__dict__.get("_kept_caches")  # a plain attribute: not a submodule, not saved
+        if not kept or kept[0].k.shape != shape or kept[0].k.dtype != dtype or kept[0].k.device != p.device:
+            kept = self.__dict__["_kept_caches"] = [KVCache(shape, dtype, p.device) for _ in self.layers]
+        for layer, cache in zip(self.layers, kept):
+            layer.self_attn.cache = cache
 
     def clear_cache(self):
+        """Detaches the caches (a forward without one attends to its own tokens only)."""
         for layer in self.layers:
             layer.self_attn.cache = None
 
@@ -533,6 +541,7 @@ class Decoding:
     fuse_commit: bool = True        # dLM: write a finished block into the cache in the next block's first forward
     kv_cache: bool = True           # False recomputes the whole window every forward (the reference)
     end_ids: tuple = field(default=())  # a row stops at the first of these it generates
+    compile: bool = False           # run the steps, whose shapes never change, compiled (prefills stay eager)
 
     def __post_init__(self):
         if not 0 < self.threshold <= 1:
@@ -549,24 +558,30 @@ class Window:
     window from scratch, which is the reference the cache is tested against. When a span would
     end past the context, the window slides forward by about half a context, on the grid `align`."""
 
-    def __init__(self, model, seq, rule, kv_cache=True, align=1, fuse_prefill=False):
-        self.model, self.seq, self.rule, self.kv_cache = model, seq, rule, kv_cache
-        self.align, self.fuse_prefill = align, fuse_prefill
+    def __init__(self, model, seq, rule, decoding, align=1, steps=()):
+        self.model, self.seq, self.rule, self.kv_cache = model, seq, rule, decoding.kv_cache
+        self.align, self.fuse_prefill = align, decoding.fuse_commit
         self.ctx = model.config.context_len
         if self.ctx // 2 < align:
             raise ValueError(f"context_len {self.ctx} must be at least twice the decode block {align}")
         self.w = 0              # absolute position of the window's first token (rotary position 0)
         self.cached_to = 0      # the cache holds clean keys/values for absolute positions [w, cached_to)
         self.forwards = 0
-        model.setup_cache(seq.size(0)) if kv_cache else model.clear_cache()
+        # the spans of these lengths are the steps of decoding, run compiled if asked; the others
+        # (prefills, and everything without the cache) eager
+        self.compiled = set(steps) if decoding.compile and self.kv_cache else set()
+        model.setup_cache(seq.size(0)) if self.kv_cache else model.clear_cache()
 
     def _run(self, start, end, logits_from):
         pos = torch.arange(start - self.w, end - self.w, device=self.seq.device)
-        keys = torch.arange(self.ctx, device=self.seq.device) if self.kv_cache else pos
-        mask = dense_mask(self.rule, pos, keys) & (keys < end - self.w)
         self.forwards += 1
-        return self.model(self.seq[:, start:end], pos, mask, start=start - self.w,
-                          logits_slice=slice(logits_from - start, None))
+        tokens, T = self.seq[:, start:end], end - start
+        if T in self.compiled:  # one graph per length: the logits of every token, sliced after (a copy of the
+            # tokens of its own: a view's strides depend on the buffer's length)
+            logits = compiled_span_logits()(self.model, tokens.clone(memory_format=torch.contiguous_format), pos,
+                                            self.rule, T, self.kv_cache)
+            return logits[:, logits_from - start:]
+        return span_logits(self.model, tokens, pos, self.rule, end - logits_from, self.kv_cache)
 
     def __call__(self, lo, hi, clean_to):
         """Logits (b, hi-lo, V) of absolute positions [lo, hi), given that the tokens before
@@ -588,6 +603,36 @@ class Window:
                 self._run(self.cached_to, clean_to, clean_to - 1)
         self.cached_to = clean_to
         return self._run(start, hi, lo)
+
+
+def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
+    """Logits (b, n_logits, V) of the last n_logits of tokens (b, T) at window positions pos
+    (T,). The keys are the whole cache (without it, the tokens themselves), masked by the rule and
+    to positions up to the last one run. Positions are a tensor, so one compiled code serves
+    every step of a shape, wherever it stands."""
+    keys = torch.arange(model.config.context_len, device=pos.device) if kv_cache else pos
+    mask = rule(None, None, pos[:, None], keys[None, :]) & (keys <= pos[-1])
+    return model(tokens, pos, mask, logits_slice=slice(tokens.size(1) - n_logits, None))
+
+
+_compiled = {}
+
+
+def compiled_span_logits():
+    """span_logits compiled for fixed shapes: one graph per step shape (an AR step, a block step,
+    a fused commit), compiled on first use; a GPU replays it as a CUDA graph."""
+    if "span" not in _compiled:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _compiled["span"] = torch.compile(span_logits, dynamic=False, mode=mode)
+    return _compiled["span"]
+
+
+@functools.lru_cache(maxsize=None)
+def stream_rule(pattern, block_size):
+    """The rule of a clean stream (decoding), one function object per pattern and block size, so
+    that compiled steps see the same rule at every call."""
+    return attention_rule(pattern, block_size)
 
 
 def pick(logits, temperature=0.0, top_k=0, generator=None):
@@ -635,7 +680,7 @@ def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=N
     """Autoregressive decoding, one token per forward. Returns (list of token lists, stats)."""
     device = model.embed_tokens.weight.device
     seq, lens, limit = _prompt_buffer(prompts, max_new_tokens, 0, device)
-    window = Window(model, seq, attention_rule("causal", 1), decoding.kv_cache, fuse_prefill=True)
+    window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), steps=(1,))
     ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     steps = torch.zeros_like(lens)
@@ -690,8 +735,7 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
     free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
     ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    window = Window(model, seq, attention_rule(recipe.pattern, B), decoding.kv_cache, align=B,
-                    fuse_prefill=decoding.fuse_commit)
+    window = Window(model, seq, stream_rule(recipe.pattern, B), decoding, align=B, steps=(B, B + 1, 2 * B))
     steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
     for s in range(int(lens.min()) // B * B, int(limit.max()), B):
         block = seq[:, s:s + B]  # a view: commits write straight into seq

@@ -30,8 +30,8 @@ threshold = 0.9             # dLM: commit tokens at least this confident; 1.0 = 
 block_size = 0              # dLM decode block; 0: the training block size
 seed = 1337
 device = "auto"             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "float32"           # 'float32', 'bfloat16', 'float16', or 'auto' (bfloat16 on a GPU that has it)
-compile = False             # torch.compile the model
+dtype = "auto"              # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
+compile = False             # run the decoding steps compiled (fixed shapes; the first call compiles)
 kv_cache = True             # False recomputes the whole sequence every forward (the reference)
 fuse_commit = True          # dLM: write a finished block into the cache in the next block's first forward
 show_steps = False          # dLM: print each forward's block for the first sample ('_' masked, '$' end)
@@ -53,8 +53,6 @@ try:
 except CheckpointError as e:
     sys.exit(f"error: {e}")
 model = run.model.to(dtype=ptdtype)
-if compile:
-    model = torch.compile(model, dynamic=True)
 
 if start.startswith("FILE:"):
     try:
@@ -80,7 +78,7 @@ if len(prompt) > ctx_len // 2:
 
 recipe = run.recipe
 decoding = Decoding(threshold=threshold, temperature=temperature, top_k=top_k, fuse_commit=fuse_commit,
-                    kv_cache=kv_cache, end_ids=run.end_ids)
+                    kv_cache=kv_cache, end_ids=run.end_ids, compile=compile)
 generator = torch.Generator(device).manual_seed(seed)
 prompts = [prompt] * num_samples
 t0 = time.perf_counter()

@@ -136,9 +136,9 @@ def test_block_layout_matches_clean_stream_and_cache():
         model.setup_cache(2)
         s = k * B
         if s:
-            model(x_0[:, :s], pos[:s], dense_mask(clean_rule, pos[:s], keys) & (keys < s), start=0)
+            model(x_0[:, :s], pos[:s], dense_mask(clean_rule, pos[:s], keys) & (keys < s))
         blk_pos = pos[s:s + B]
-        out = model(x_t[:, s:s + B], blk_pos, dense_mask(clean_rule, blk_pos, keys) & (keys < s + B), start=s)
+        out = model(x_t[:, s:s + B], blk_pos, dense_mask(clean_rule, blk_pos, keys) & (keys < s + B))
         model.clear_cache()
         assert (logits[:, s:s + B] - out).abs().max() < 1e-10
 
@@ -158,7 +158,7 @@ def test_decoding_logits_equal_training_layout(pattern, shift):
         ref = diffusion_logits(model, x_t, x_0, layout_mask(pattern, B, L, "cpu"), recipe)
         seq = torch.cat([x_0[:, :k * B], x_t[:, k * B:(k + 1) * B]], 1)
         for kv in (True, False):
-            window = Window(model, seq, attention_rule(pattern, B), kv_cache=kv, align=B)
+            window = Window(model, seq, attention_rule(pattern, B), Decoding(kv_cache=kv, fuse_commit=False), align=B)
             out = block_logits(window, k * B, B, shift)
             first = 1 if shift and k == 0 else 0  # nothing predicts position 0
             assert (out[:, first:] - ref[:, k * B + first:(k + 1) * B]).abs().max() < 1e-10
@@ -195,6 +195,31 @@ def test_block_decoding_cache_equals_recompute(threshold, pattern, shift):
     assert all(len(o) == 70 for o in cached)
     if threshold < 0.8:  # the test must exercise parallel commits
         assert full_stats["forward_passes"] < 60
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_does_not_recompile():
+    """The compiled fixed-shape steps decode exactly what the eager path decodes: AR, and the dLM
+    at thresholds 1.0 and 0.9, fused and unfused, token shift on and off, a batch of different
+    prompts stopping at an end token, one prompt longer than the context (the window slides).
+    After the first generation, another one with other prompts compiles nothing new."""
+    import dataclasses
+    torch._dynamo.reset()
+    model = tiny_model(context_len=32, n_layer=1).float()
+    cases = [(None, Decoding(end_ids=(5,)))] + [
+        (Recipe(block_size=8, mask_id=23, token_shift=shift), Decoding(threshold, fuse_commit=fuse, end_ids=(5,)))
+        for shift in (False, True) for threshold in (1.0, 0.9) for fuse in (True, False)]
+
+    def generate(prompts, recipe, decoding):
+        if recipe is None:
+            return generate_ar(model, prompts, 40, decoding)[0]
+        return generate_block(model, prompts, 40, recipe, decoding)[0]
+    prompts = prompts_of([3, 13, 40])
+    for recipe, decoding in cases:
+        assert generate(prompts, recipe, dataclasses.replace(decoding, compile=True)) == generate(prompts, recipe, decoding)
+    others = prompts_of([6, 20, 45], seed=2)
+    with torch.compiler.set_stance("fail_on_recompile"):  # raises if anything had to compile again
+        for recipe, decoding in cases:
+            assert generate(others, recipe, dataclasses.replace(decoding, compile=True)) == generate(others, recipe, decoding)
 
 
 def test_batch_rows_are_independent():
@@ -306,7 +331,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, idx, pos, mask, start=0, logits_slice=slice(None)):
+    def forward(self, idx, pos, mask, logits_slice=slice(None)):
         return self.logits
 
 
@@ -637,6 +662,17 @@ def test_bench_script_on_text(workdir):
     assert rows["dlm", 0.5, True, 1]["forward_passes"] <= 16 and rows["ar", None, True, 2]["speedup_vs_ar"] == 1.0
     assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 for r in rows.values())
     assert result["val"]["ar_loss"] > 0 and result["val"]["dlm_bound"] > 0
+    # the compiled steps beside the eager ones: the same tokens, speed-ups against the AR row of their own kind
+    code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--thresholds=(1.0,)", "--batch_sizes=(1,)",
+                         "--unfused=0", "--max_new_tokens=16", "--n_samples=1", "--repeats=1", "--val_batches=1",
+                         "--start=ROMEO:", "--compile=True", cwd=workdir)
+    assert code == 0, err
+    rows = {(r["mode"], r["compiled"]): r for r in last_json(out)["decode"]}
+    assert set(rows) == {("ar", False), ("dlm", False), ("ar", True), ("dlm", True)}
+    assert rows["ar", True]["same_tokens"] and rows["dlm", True]["same_tokens"] and rows["ar", True]["speedup_vs_ar"] == 1.0
+    r = rows["dlm", True]
+    assert r["speedup_over_tpf"] == round(r["speedup_vs_ar"] / r["tokens_per_forward"], 3) or abs(
+        r["speedup_over_tpf"] - r["tokens_per_s"] / rows["ar", True]["tokens_per_s"] / r["tokens_per_forward"]) < 1e-2
     code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=train", "--train_steps=1", cwd=workdir)
     assert code == 0, err
     assert [(r["mode"], r["attention"]) for r in last_json(out)["train"]] == [("ar", "dense"), ("dlm", "dense")]
@@ -644,6 +680,19 @@ def test_bench_script_on_text(workdir):
                          "--forward_block=8", cwd=workdir)
     assert code == 0, err
     assert last_json(out)["forward"]["block_ms"] > 0
+
+
+def test_gpu_check_runs_on_a_cpu():
+    """The one prepared GPU check (bench.py --mode=gpu) runs on a CPU with a tiny shape, so it
+    cannot rot: FlexAttention against the dense mask, the training steps, the forward ratio and
+    the decode steps, one JSON line."""
+    code, out, err = run("bench.py", "--mode=gpu", "--device=cpu", "--cache_len=64", "--forward_block=8",
+                         "--train_steps=1", "--repeats=1", cwd=HERE)
+    assert code == 0, err
+    result = last_json(out)
+    assert result["gpu_check"]["shape"] == "tiny" and not any("error" in result[k] for k in ("flex_vs_dense", "forward", "decode"))
+    assert set(result["flex_vs_dense"]) == {"causal", "block", "block_noisy", "bidirectional"}
+    assert isinstance(result["train"], list) and len(result["train"]) == 5 and all(r["tokens_per_s"] > 0 for r in result["train"])
 
 
 def test_gen_quality_by_hand():
@@ -844,6 +893,10 @@ def bad_inputs(d, ckpt):
     (truncated / "ckpt.pt").write_bytes((ckpt / "ckpt.pt").read_bytes()[:5000])
     long_prompt = "a" * 100
     (d / "c.py").write_text("max_iters = 1700\n")
+    (d / "noprompt.jsonl").write_text(json.dumps(dict(prompt="ab", answer="c")) + "\n" + json.dumps(dict(answer="c")) + "\n")
+    (d / "fuzzy.jsonl").write_text(json.dumps(dict(prompt="ab", answer="c", check="fuzzy")) + "\n")
+    os.makedirs(d / "nonempty", exist_ok=True)
+    (d / "nonempty" / "keep.txt").write_text("a user's file")
     T = TINY
     return [
         ("unknown key", ["train.py", *T, "--n_layers=3"], ["n_layers", "n_layer"]),
@@ -874,6 +927,11 @@ def bad_inputs(d, ckpt):
         ("missing prompt file", ["sample.py", f"--out_dir={ckpt.name}", "--start=FILE:nope.txt"], ["nope.txt", "--start"]),
         ("prompt outside the vocabulary", ["sample.py", f"--out_dir={ckpt.name}", "--start=\u00e6\u00f8"], ["vocabulary", "--start"]),
         ("threshold outside (0, 1] (bench)", ["bench.py", f"--out_dir={ckpt.name}", "--thresholds=(0.9, 2.0)"], ["thresholds", "2.0"]),
+        ("missing benchmark file", ["bench.py", f"--out_dir={ckpt.name}", "--eval=nope.jsonl"], ["nope.jsonl", "--eval"]),
+        ("benchmark line without a prompt", ["bench.py", f"--out_dir={ckpt.name}", "--eval=noprompt.jsonl"], ["line 2", "prompt"]),
+        ("unknown check", ["bench.py", f"--out_dir={ckpt.name}", "--eval=fuzzy.jsonl"], ["fuzzy", "exact"]),
+        ("export over a folder in use", ["convert_qwen.py", "--to_hf=True", f"--out_dir={ckpt.name}", "--hf_dir=nonempty"],
+         ["nonempty", "not empty", "--hf_dir"]),
         ("prompt too long", ["sample.py", f"--out_dir={ckpt.name}", f"--start={long_prompt}", "--max_new_tokens=4"],
          ["prompt has 100 tokens", "32"]),
     ]
@@ -894,6 +952,7 @@ def test_bad_inputs_give_one_line_errors(workdir, ar_run):
         assert code != 0, what
         assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), (what, err)
     assert not (workdir / "out-failed").exists()
+    assert os.listdir(workdir / "nonempty") == ["keep.txt"] and (workdir / "nonempty" / "keep.txt").read_text() == "a user's file"
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "ablate.py", "convert_qwen.py"])
@@ -961,6 +1020,16 @@ def test_answer_checker():
     for task, answer, wrong in [("rev", "cba", "abc"), ("dup", "abab", "aba"), ("sort", "abc", "acb"),
                                 ("add", "4201", "420"), ("chain", "3,7,4", "3,7,5")]:
         assert check(answer, answer) and not check(answer, wrong) and not check(answer, answer + "x")
+    number = [("72", "She pays 8 * 9 = 72 dollars.", True), ("1234", "The total is 1,234.", True),
+              ("-5", "It falls to -5", True), ("3.5", "Each gets 3.50 liters", True), ("18", "#### 18", True),
+              ("72", "72 is wrong; the answer is 70.", False), ("5", "It falls to -5", False), ("1234", "1,235", False),
+              ("7", "no number here", False), ("0.5", "about 5 percent", False)]
+    choice = [("B", "(B) because", True), ("B", "B. Paris", True), ("B", "The answer is B", True), ("(C)", "C", True),
+              ("B", "The answer is (C), not B", False), ("A", "D) none", False), ("B", "I cannot tell", False)]
+    for answer, output, right in number:
+        assert check(answer, output, "number") == right, (answer, output)
+    for answer, output, right in choice:
+        assert check(answer, output, "choice") == right, (answer, output)
 
 
 TASK_META = dict(itos=list("abcdefgh=, ") + ["[MASK]", "[END]"], mask_id=11, end_id=12)
@@ -990,7 +1059,7 @@ class Oracle(torch.nn.Module):
     def clear_cache(self):
         pass
 
-    def forward(self, idx, pos, mask, start=0, logits_slice=slice(None)):
+    def forward(self, idx, pos, mask, logits_slice=slice(None)):
         if not self.sure:
             return torch.zeros(idx.size(0), len(pos[logits_slice]), self.V)
         return F.one_hot(self.truth[:, pos[logits_slice] + int(self.ar)], self.V).float() * 50.0
@@ -1195,10 +1264,12 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     assert "dtype" in variant("dtype", with_header({"a": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}))
 
 
-def test_qwen_convert_prepare_train_sample(tmp_path):
-    """A converted Qwen3-shaped model: text prepared with its tokenizer, one dLM step from it,
-    and chat sampling, through the scripts as a user runs them."""
-    hf = tiny_hf_model("qwen3", torch.float32)
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_qwen_convert_prepare_train_sample(tmp_path, kind):
+    """A converted Qwen3- or Qwen2-shaped model: text prepared with its tokenizer, two dLM steps
+    from it, exported as a Hugging Face folder (Qwen2: sharded) and read back, through the
+    scripts as a user runs them; the Qwen3 run also trains LoRA, samples in chat form and benches."""
+    hf = tiny_hf_model(kind, torch.float32)
     hf.save_pretrained(tmp_path / "hf")
     hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
     link_scripts(tmp_path)
@@ -1209,7 +1280,18 @@ def test_qwen_convert_prepare_train_sample(tmp_path):
              ["data/text/prepare.py", "--input=docs.jsonl", "--tokenizer=out-qwen", "--val_fraction=0.2"],
              ["train.py", "--dataset=text", "--init_from=out-qwen", "--out_dir=out-qwen-dlm", "--mode=dlm", "--block_size=8",
               "--context_len=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"],
-             ["sample.py", "--out_dir=out-qwen-dlm", "--start=Hello", "--chat=True", "--max_new_tokens=8"],
+             ["convert_qwen.py", "--to_hf=True", "--out_dir=out-qwen-dlm", "--hf_dir=exported",
+              f"--max_shard_size={'40KB' if kind == 'qwen2' else '2GB'}"],
+             ["convert_qwen.py", "--hf_dir=exported", "--out_dir=out-back"],
+             ["sample.py", "--out_dir=out-back", "--start=Hello", "--max_new_tokens=8"]]
+    for argv in steps:
+        code, out, err = run(*argv, cwd=tmp_path)
+        assert code == 0, (argv, err)
+    assert last_json(out)["mode"] == "dlm"  # the read-back run decodes as a dLM
+    check_export(tmp_path / "out-qwen-dlm", tmp_path / "exported", tmp_path / "out-back", sharded=kind == "qwen2")
+    if kind == "qwen2":
+        return
+    steps = [["sample.py", "--out_dir=out-qwen-dlm", "--start=Hello", "--chat=True", "--max_new_tokens=8"],
              ["train.py", "--dataset=text", "--init_from=out-qwen", "--out_dir=out-qwen-lora", "--mode=dlm", "--block_size=8",
               "--context_len=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu",
               "--lora_rank=4"],
@@ -1226,6 +1308,48 @@ def test_qwen_convert_prepare_train_sample(tmp_path):
     assert last_json(out)["mode"] == "ar" and last_json(out)["forward_passes"] == 8  # converted, not yet trained: AR
     meta = json.loads((tmp_path / "data" / "text" / "meta.json").read_text())
     assert meta["dtype"] == "uint32" and meta["mask_token"] == "<|fim_pad|>"
+
+
+def check_export(run_dir, hf_dir, back_dir, sharded):
+    """transformers loads an exported folder with no missing or unexpected weights and gives our
+    model's causal logits (float32, to 1e-4), its tokenizer encodes as ours, and the folder read
+    back is the run: weights bit for bit, the recipe, the settings and the vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    from checkpoint import load_checkpoint, load_run
+    files = sorted(os.listdir(hf_dir))
+    assert "config.json" in files and "README.md" in files and not (hf_dir.parent / (hf_dir.name + ".partial")).exists()
+    assert ("model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1) if sharded \
+        else "model.safetensors" in files
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ours = load_run(run_dir)
+    x = torch.randint(0, ours.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.model(x, torch.arange(20), torch.ones(20, 20, dtype=torch.bool).tril())
+        got = hf.eval()(x).logits
+    assert (got - want).abs().max() < 1e-4
+    if (hf_dir / "tokenizer.json").exists():
+        import tokenizers
+        theirs, mine = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json")), ours.tokenizer()
+        for text in TEXTS:
+            assert theirs.encode(text).ids == mine.encode(text, allow_special=True), text
+    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (run_dir, back_dir))
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(a["model"][k].dtype == b["model"][k].dtype for k in a["model"])
+    assert (a["recipe"], a["config"], a["meta"], a["model_args"]) == (b["recipe"], b["config"], b["meta"], b["model_args"])
+
+
+def test_export_of_a_character_run(workdir, tmp_path):
+    """A character-level dLM exports its weights (no Hugging Face tokenizer, said so in the card)
+    and comes back as itself."""
+    if not os.path.exists(workdir / "out-dlm" / "ckpt.pt"):
+        pytest.skip("needs the checkpoints of test_training_lowers_loss_and_checkpoint_reloads")
+    code, out, err = run("convert_qwen.py", "--to_hf=True", "--out_dir=out-dlm", f"--hf_dir={tmp_path / 'chars'}", cwd=workdir)
+    assert code == 0, err
+    assert not (tmp_path / "chars" / "tokenizer.json").exists() and "no Hugging Face tokenizer" in (tmp_path / "chars" / "README.md").read_text()
+    code, out, err = run("convert_qwen.py", f"--hf_dir={tmp_path / 'chars'}", f"--out_dir={tmp_path / 'back'}", cwd=workdir)
+    assert code == 0, err
+    check_export(workdir / "out-dlm", tmp_path / "chars", tmp_path / "back", sharded=False)
 
 
 def test_lora():
@@ -1289,5 +1413,22 @@ def test_every_ablation_config_runs(tmp_path):
         ckpt = torch.load(tmp_path / "out-ablate" / f"{v}-s5" / "ckpt.pt", weights_only=True)
         changed = {k for k in ref if ckpt["config"][k] != ref[k]} - {"out_dir"}
         assert ckpt["iter_num"] == 2 and ckpt["config"]["seed"] == 5 and len(changed) == (v != "reference") + (v == "shift_off_bidirectional"), (v, changed)
+    report = (tmp_path / "docs" / "ablations.md").read_text()  # the full sweep writes its own output
+    assert "written by ablate.py" in report and all(f"\n{v} " in report for v in ABLATIONS)
     code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--only=reference", cwd=tmp_path)
     assert code == 0 and "training" not in out and list(json.loads(out.splitlines()[-1])["runs"]) == ["reference"], err
+    assert (tmp_path / "docs" / "ablations.md").read_text() == report  # a partial sweep leaves it as it was
+    # the task test set as a benchmark file gives the built-in evaluation's accuracies and tokens per forward
+    problems = [json.loads(line) for line in (tmp_path / "data" / "tasks" / "test.jsonl").read_text().splitlines()]
+    longest = max(len(p["answer"]) for p in problems) + 1
+    common = ["bench.py", "--out_dir=out-ablate/reference-s5", "--thresholds=(1.0, 0.5)", "--batch_sizes=(1,)", "--repeats=1",
+              "--n_timed=2", "--unfused=0", "--val_batches=1"]
+    code, out, err = run(*common, cwd=tmp_path)
+    assert code == 0, err
+    builtin = {r["threshold"]: (r["accuracy"], r["tokens_per_forward"]) for r in last_json(out)["decode"]}
+    code, out, err = run(*common, "--eval=data/tasks/test.jsonl", f"--max_new_tokens={longest}", cwd=tmp_path)
+    assert code == 0, err
+    from_file = {r["threshold"]: (r["accuracy"], r["tokens_per_forward"]) for r in last_json(out)["eval"]}
+    assert from_file == builtin and len(builtin) == 3
+    written = [json.loads(line) for line in (tmp_path / "out-ablate" / "reference-s5" / "eval-test.jsonl").read_text().splitlines()]
+    assert len(written) == 3 * len(problems) and all({"output", "correct", "tokens", "forwards"} <= set(w) for w in written)
