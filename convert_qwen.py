@@ -20,6 +20,7 @@ partial load. The converted model is an AR model (mode 'ar') until train.py conv
 """
 
 import base64
+import dataclasses
 import json
 import mmap
 import os
@@ -456,7 +457,8 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    args, meta, config = dict(ckpt["model_args"]), ckpt["meta"], ckpt["config"]
+    args = dataclasses.asdict(ModelConfig(**ckpt["model_args"]))  # settings an older run left out get their defaults
+    meta, config = ckpt["meta"], ckpt["config"]
     recipe = recipe_record(recipe_of(ckpt))
     to = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "?")
     if to == "?":
