@@ -438,7 +438,7 @@ def bench_eval(ar, dlm, opt):
     for mode, th, model, rcp, dec in runs:
         name = "AR" if mode == "ar" else f"dLM t={th}"
         make = lambda: decoder(model, rcp, dec, g.manual_seed(opt.seed))
-        r = evaluate(make(), problems, tokenizer, opt.eval_batch, max_new, opt.chat, progress=name)
+        r = evaluate(make(), problems, tokenizer, opt.eval_batch, max_new, chat=opt.chat, progress=name)
         n_new = max_new or max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
         encode = (lambda p: tokenizer.encode(CHAT.format(p["prompt"]), allow_special=True)) if opt.chat else \
             (lambda p: tokenizer.encode(p["prompt"]))

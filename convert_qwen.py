@@ -503,7 +503,7 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
                                pad_token=names.get(meta.get("end_id")), model_max_length=args["context_len"],
                                chat_template=CHAT_TEMPLATE), f, indent=1, ensure_ascii=False)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(os.path.basename(os.path.normpath(hf_dir)), args, recipe, config, meta, threshold))
+            f.write(model_card(os.path.basename(os.path.normpath(hf_dir)), args, recipe, config, meta, threshold=threshold))
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # empty, checked above
         os.replace(tmp, hf_dir)

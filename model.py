@@ -495,15 +495,15 @@ def diffusion_loss(model, x_0, recipe, maskable=None, generator=None, flex=False
 
 @functools.lru_cache(maxsize=8)
 def _standard_mask(pattern, B, L, copies, device, flex):
-    return layout_mask(pattern, B, L, device, flex, make_layout(L, B, copies, device=device) if pattern == "block" else None)
+    return layout_mask(pattern, B, L, device, flex, layout=make_layout(L, B, copies, device=device) if pattern == "block" else None)
 
 
 def training_mask(recipe, L, device, flex=False, layout=None):
     """The attention mask of a training forward: built once per shape for layouts that every
     row shares, every call for a layout of its own per row."""
     if layout is not None:
-        return layout_mask(recipe.pattern, recipe.block_size, L, device, flex, layout)
-    return _standard_mask(recipe.pattern, recipe.block_size, L, recipe.noisy_copies, str(device), flex)
+        return layout_mask(recipe.pattern, recipe.block_size, L, device, flex, layout=layout)
+    return _standard_mask(recipe.pattern, recipe.block_size, L, recipe.noisy_copies, str(device), flex=flex)
 
 
 def diffusion_bound(model, x_0, recipe, generator=None, flex=False):
@@ -517,7 +517,7 @@ def diffusion_bound(model, x_0, recipe, generator=None, flex=False):
     k = torch.randint(1, B + 1, (b, nb), device=x_0.device, generator=generator).float()
     x_t, masked = corrupt(x_0, recipe, k / B, k, 0.0, generator=generator)
     weight = masked / k.repeat_interleave(B, dim=1)
-    mask = _standard_mask(recipe.pattern, B, L, 1, str(x_0.device), flex)
+    mask = _standard_mask(recipe.pattern, B, L, 1, str(x_0.device), flex=flex)
     logits = diffusion_logits(model, x_t, x_0, mask, recipe)
     if recipe.token_shift:
         weight[:, 0] = 0  # nothing predicts the first token
@@ -579,9 +579,9 @@ class Window:
         if T in self.compiled:  # one graph per length: the logits of every token, sliced after (a copy of the
             # tokens of its own: a view's strides depend on the buffer's length)
             logits = compiled_span_logits()(self.model, tokens.clone(memory_format=torch.contiguous_format), pos,
-                                            self.rule, T, self.kv_cache)
+                                            self.rule, T, kv_cache=self.kv_cache)
             return logits[:, logits_from - start:]
-        return span_logits(self.model, tokens, pos, self.rule, end - logits_from, self.kv_cache)
+        return span_logits(self.model, tokens, pos, self.rule, end - logits_from, kv_cache=self.kv_cache)
 
     def __call__(self, lo, hi, clean_to):
         """Logits (b, hi-lo, V) of absolute positions [lo, hi), given that the tokens before

@@ -5,6 +5,7 @@ Each test compares against a reference: a brute-force loop over the attention ru
 without the cache, a row decoded alone, a loss computed by hand.
 """
 
+import concurrent.futures
 import json
 import math
 import os
@@ -941,10 +942,11 @@ def bad_inputs(d, ckpt):
 def test_bad_inputs_give_one_line_errors(workdir, ar_run):
     if torch.cuda.is_available():
         pytest.skip("the 'no cuda' case needs a machine without CUDA")
-    for what, argv, words in bad_inputs(workdir, ar_run):
-        if argv[0] == "train.py":  # none of these runs gets as far as a checkpoint: they leave no out_dir behind
-            argv = [*argv, "--out_dir=out-failed"]
-        code, out, err = run(*argv, cwd=workdir)
+    cases = [(what, [*argv, "--out_dir=out-failed"] if argv[0] == "train.py" else argv, words)  # no train.py run here
+             for what, argv, words in bad_inputs(workdir, ar_run)]                                 # gets as far as an out_dir
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # independent runs, most of their time spent starting Python
+        results = list(pool.map(lambda case: run(*case[1], cwd=workdir), cases))
+    for (what, argv, words), (code, out, err) in zip(cases, results):
         lines = [line for line in err.splitlines() if line.strip()]
         print(f"{what}: {' '.join(a for a in argv if a not in TINY)[:70]}\n    {err.strip()}")  # for -s
         if what == "prompt too long":  # a warning, and decoding goes on with the prompt's last part
