@@ -20,6 +20,7 @@ A sweep over every config writes what it prints to docs/ablations.md (--report);
 printed is one JSON object with every run's scores.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -44,6 +45,7 @@ train_args = ""                     # extra train.py flags for every run, e.g. "
 n_test = 0                          # test prompts per task; 0: all
 report = "docs/ablations.md"        # a sweep over every config writes its output here ('': nowhere)
 device = "cpu"                      # 'cpu', 'cuda', 'auto', ...
+jobs = 1                            # training runs at once (each is its own train.py process)
 # -----------------------------------------------------------------------------
 
 JUDGE = 0.9  # the threshold at which comparisons are judged
@@ -94,7 +96,7 @@ def train(variant, seed, device):
     if r.returncode != 0:
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
         sys.exit(f"error: training {out} failed: {last}")
-    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    print(f"  {out} done in {time.time() - t0:.0f} s", flush=True)
     return out
 
 
@@ -156,7 +158,11 @@ def main():
         sys.exit(f"error: {e}")
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    runs = {v: [train(v, s, dev) for s in seed_list] for v in variants}
+    if jobs < 1:
+        sys.exit(f"error: jobs must be at least 1, got {jobs} (--jobs)")
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # a thread per run waits on its process
+        pending = {v: [pool.submit(train, v, s, dev) for s in seed_list] for v in variants}
+        runs = {v: [f.result() for f in fs] for v, fs in pending.items()}
 
     print(f"\nscoring {sum(map(len, runs.values()))} runs on {len(problems)} test prompts ...", flush=True)
     scores = {v: [score(out, ar.model, problems, dev) for out in outs] for v, outs in runs.items()}

@@ -1407,7 +1407,7 @@ def test_every_ablation_config_runs(tmp_path):
                          "--out_dir=out-ar", cwd=tmp_path)
     assert code == 0, err
     flags = "--max_iters=2 --batch_size=4 --context_len=64 --eval_iters=1"
-    code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", cwd=tmp_path)
+    code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--jobs=3", cwd=tmp_path)
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
     assert sorted(result["runs"]) == ABLATIONS and len(result["comparisons"]) == 13
