@@ -178,17 +178,21 @@ def decoder(model, recipe, decoding, generator=None):
     return lambda prompts, n: generate_block(model, prompts, n, recipe, decoding, generator=generator)
 
 
+def encode_prompt(tokenizer, prompt, chat=False):
+    """A problem's prompt as tokens, in Qwen's chat template if asked."""
+    return tokenizer.encode(CHAT.format(prompt), allow_special=True) if chat else tokenizer.encode(prompt)
+
+
 def evaluate(decode, problems, tokenizer, batch_size=100, max_new=0, chat=False, progress=""):
     """Accuracy per task (a problem's "task", else "all"; each scored by its "check", exact by
     default) and their mean, and tokens per forward over the generated tokens: the tokens written
     (an end token included) over the forwards each row spent on them; also per task. max_new: new
     tokens per prompt, 0: the longest answer + 1. `outputs` holds every problem's output."""
     max_new = max_new or max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
-    encode = lambda p: tokenizer.encode(CHAT.format(p["prompt"]), allow_special=True) if chat else tokenizer.encode(p["prompt"])
     correct, tokens, forwards, outputs = {}, {}, {}, []
     for i in tqdm(range(0, len(problems), batch_size), desc=progress, unit="batch", disable=not progress):
         batch = problems[i:i + batch_size]
-        outs, stats = decode([encode(p) for p in batch], max_new)
+        outs, stats = decode([encode_prompt(tokenizer, p["prompt"], chat) for p in batch], max_new)
         for p, out, f in zip(batch, outs, stats["row_forwards"]):
             task, text = p.get("task", "all"), tokenizer.decode(out)
             right = check(p["answer"], text, p.get("check", "exact"))
@@ -434,15 +438,14 @@ def bench_eval(ar, dlm, opt):
     timed = problems[:opt.n_timed]
     print(f"{len(problems)} problems from {opt.eval}; {max_new or 'the longest answer + 1'} new tokens each; "
           f"tokens/s at batch 1 over the first {len(timed)}")
+    n_new = max_new or max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
+    timed_prompts = [encode_prompt(tokenizer, p["prompt"], opt.chat) for p in timed]
     rows, written = [], []
     for mode, th, model, rcp, dec in runs:
         name = "AR" if mode == "ar" else f"dLM t={th}"
         make = lambda: decoder(model, rcp, dec, g.manual_seed(opt.seed))
-        r = evaluate(make(), problems, tokenizer, opt.eval_batch, max_new, chat=opt.chat, progress=name)
-        n_new = max_new or max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
-        encode = (lambda p: tokenizer.encode(CHAT.format(p["prompt"]), allow_special=True)) if opt.chat else \
-            (lambda p: tokenizer.encode(p["prompt"]))
-        tps, _, _ = decode_speed(make(), [encode(p) for p in timed], n_new, 1, opt, count_end=True)
+        r = evaluate(make(), problems, tokenizer, opt.eval_batch, n_new, chat=opt.chat, progress=name)
+        tps, _, _ = decode_speed(make(), timed_prompts, n_new, 1, opt, count_end=True)
         correct = sum(o["correct"] for o in r["outputs"])
         rows.append(dict(mode=mode, threshold=th, accuracy=round(100.0 * correct / len(problems), 2),
                          tokens_per_forward=round(r["tokens_per_forward"], 3), tokens_per_s=round(tps, 1),

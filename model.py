@@ -611,21 +611,16 @@ def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
     to positions up to the last one run. Positions are a tensor, so one compiled code serves
     every step of a shape, wherever it stands."""
     keys = torch.arange(model.config.context_len, device=pos.device) if kv_cache else pos
-    mask = rule(None, None, pos[:, None], keys[None, :]) & (keys <= pos[-1])
+    mask = dense_mask(rule, pos, keys) & (keys <= pos[-1])
     return model(tokens, pos, mask, logits_slice=slice(tokens.size(1) - n_logits, None))
 
 
-_compiled = {}
-
-
+@functools.lru_cache(maxsize=None)
 def compiled_span_logits():
     """span_logits compiled for fixed shapes: one graph per step shape (an AR step, a block step,
     a fused commit), compiled on first use; a GPU replays it as a CUDA graph."""
-    if "span" not in _compiled:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
-        mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _compiled["span"] = torch.compile(span_logits, dynamic=False, mode=mode)
-    return _compiled["span"]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
+    return torch.compile(span_logits, dynamic=False, mode="reduce-overhead" if torch.cuda.is_available() else None)
 
 
 @functools.lru_cache(maxsize=None)
