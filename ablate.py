@@ -8,7 +8,10 @@ learning-rate schedule and seeds, that differs from config/ablate/reference.py i
     python ablate.py --seeds=1337,1338,1339
 
 Each (variant, seed) trains into out-ablate/<variant>-s<seed>; a run whose checkpoint is there
-at its last iteration is not trained again, so an interrupted sweep continues where it stopped.
+at its last iteration is not trained again, and its scores are saved beside it (scores.json, with
+the checkpoint, AR run, test prompts, thresholds and device they belong to) and not computed
+again while those stay the same, so an interrupted sweep continues where it stopped. (Delete the
+scores.json files to score again after changing the decoding code.)
 Scores: the any-order val bound (nats per token, model.py's diffusion_bound) and, on the held-out test
 prompts, the average exact-match accuracy and tokens per forward over the answers at each
 threshold, decoded at the run's own block size (block-size runs also at block 16). Bidirectional
@@ -22,6 +25,7 @@ printed is one JSON object with every run's scores.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -100,8 +104,35 @@ def train(variant, seed, device):
     return out
 
 
-@torch.no_grad()
+def score_key(out, problems, device):
+    """What a run's scores depend on: its checkpoint and the AR run's (size and time of writing),
+    the test prompts, the thresholds and the device."""
+    files = [os.stat(os.path.join(d, "ckpt.pt")) for d in (out, ar_dir)]
+    prompts = hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()
+    return dict(checkpoints=[[f.st_size, f.st_mtime_ns] for f in files], problems=prompts,
+                thresholds=list(thresholds), device=str(device))
+
+
 def score(out, ar_model, problems, device):
+    """The run's scores: read back from out/scores.json if they were computed for the same
+    score_key, else computed and saved there."""
+    path, key = os.path.join(out, "scores.json"), score_key(out, problems, device)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return saved["scores"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: score again
+        pass
+    result = compute_scores(out, ar_model, problems, device)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(dict(key=key, scores=result), f)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+@torch.no_grad()
+def compute_scores(out, ar_model, problems, device):
     """The val bound, and accuracy and tokens per forward at each threshold (and block 16 for
     the block-size runs), all at once for one run."""
     run = load_run(out, device)

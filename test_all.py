@@ -1397,7 +1397,8 @@ def test_ablation_verdicts():
 def test_every_ablation_config_runs(tmp_path):
     """ablate.py over every config in config/ablate, 2 iterations each from a tiny AR run on the
     task data: each run's checkpoint has the one setting its config changes, the table names
-    every variant, and a second call trains nothing again."""
+    every variant, and a second call trains nothing again and reads the scores back, unless what
+    they were computed for has changed."""
     link_scripts(tmp_path)
     os.symlink(os.path.join(HERE, "config"), tmp_path / "config")
     code, out, err = run(os.path.join(HERE, "data", "tasks", "prepare.py"), "--n_train=200", "--n_val=40", "--n_test=3",
@@ -1419,9 +1420,19 @@ def test_every_ablation_config_runs(tmp_path):
         assert ckpt["iter_num"] == 2 and ckpt["config"]["seed"] == 5 and len(changed) == (v != "reference") + (v == "shift_off_bidirectional"), (v, changed)
     report = (tmp_path / "docs" / "ablations.md").read_text()  # the full sweep writes its own output
     assert "written by ablate.py" in report and all(f"\n{v} " in report for v in ABLATIONS)
+    saved = tmp_path / "out-ablate" / "reference-s5" / "scores.json"
+    scores = json.loads(saved.read_text())
+    assert scores["scores"]["acc0.9"] == result["runs"]["reference"][0]["acc0.9"]
+    scores["scores"]["bound"] = 123.0  # a mark: seen again only if the saved scores are read back
+    saved.write_text(json.dumps(scores))
     code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--only=reference", cwd=tmp_path)
     assert code == 0 and "training" not in out and list(json.loads(out.splitlines()[-1])["runs"]) == ["reference"], err
+    assert json.loads(out.splitlines()[-1])["runs"]["reference"][0]["bound"] == 123.0
     assert (tmp_path / "docs" / "ablations.md").read_text() == report  # a partial sweep leaves it as it was
+    code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--only=reference",
+                         "--thresholds=(0.9,)", cwd=tmp_path)  # other thresholds: scored again
+    again = json.loads(out.splitlines()[-1])["runs"]["reference"][0]
+    assert code == 0 and again["bound"] != 123.0 and "acc0.9" in again and "acc1.0" not in again, err
     # the task test set as a benchmark file gives the built-in evaluation's accuracies and tokens per forward
     problems = [json.loads(line) for line in (tmp_path / "data" / "tasks" / "test.jsonl").read_text().splitlines()]
     longest = max(len(p["answer"]) for p in problems) + 1
