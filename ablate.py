@@ -125,9 +125,7 @@ def score(out, ar_model, problems, device):
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: score again
         pass
     result = compute_scores(out, ar_model, problems, device)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(dict(key=key, scores=result), f)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, json.dumps(dict(key=key, scores=result)))
     return result
 
 
@@ -240,6 +238,11 @@ def write_report(path, lines, extra_args):
             f"script, not this file.\nEach variant differs from `config/ablate/reference.py` in the one setting its "
             f"file changes (README, \"The paper in miniature\").\n\n```\n" + "\n".join(lines) + "\n```\n")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_atomically(path, text)
+
+
+def write_atomically(path, text):
+    """Writes text to path through a temporary file, so that an interrupted write leaves the old file."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
