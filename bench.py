@@ -183,12 +183,17 @@ def encode_prompt(tokenizer, prompt, chat=False):
     return tokenizer.encode(CHAT.format(prompt), allow_special=True) if chat else tokenizer.encode(prompt)
 
 
+def answer_room(problems, tokenizer):
+    """New tokens that fit every problem's answer and an end token after it."""
+    return max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
+
+
 def evaluate(decode, problems, tokenizer, batch_size=100, max_new=0, chat=False, progress=""):
     """Accuracy per task (a problem's "task", else "all"; each scored by its "check", exact by
     default) and their mean, and tokens per forward over the generated tokens: the tokens written
     (an end token included) over the forwards each row spent on them; also per task. max_new: new
     tokens per prompt, 0: the longest answer + 1. `outputs` holds every problem's output."""
-    max_new = max_new or max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
+    max_new = max_new or answer_room(problems, tokenizer)
     correct, tokens, forwards, outputs = {}, {}, {}, []
     for i in tqdm(range(0, len(problems), batch_size), desc=progress, unit="batch", disable=not progress):
         batch = problems[i:i + batch_size]
@@ -345,7 +350,7 @@ def bench_decode(ar, dlm, opt):
         tasks = list(dict.fromkeys(p["task"] for p in problems))
         timed_prompts = [tokenizer.encode(p["prompt"]) for t in tasks
                          for p in [q for q in problems if q["task"] == t][:opt.n_timed]]
-        max_new = max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
+        max_new = answer_room(problems, tokenizer)
         print(f"{len(problems)} test prompts ({', '.join(tasks)}); timed: {len(timed_prompts)} prompts, median of "
               f"{opt.repeats}; block {recipe.block_size if recipe else '-'}")
         for name, model, rcp, dec in runs:
@@ -438,7 +443,7 @@ def bench_eval(ar, dlm, opt):
     timed = problems[:opt.n_timed]
     print(f"{len(problems)} problems from {opt.eval}; {max_new or 'the longest answer + 1'} new tokens each; "
           f"tokens/s at batch 1 over the first {len(timed)}")
-    n_new = max_new or max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
+    n_new = max_new or answer_room(problems, tokenizer)
     timed_prompts = [encode_prompt(tokenizer, p["prompt"], opt.chat) for p in timed]
     rows, written = [], []
     for mode, th, model, rcp, dec in runs:
