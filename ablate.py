@@ -34,11 +34,13 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import bench
 from checkpoint import CheckpointError, load_checkpoint, load_run
 from configurator import configure, load_config, resolve_device
-from model import Decoding
+from decode import Decoding
+from problems import load_problems
 
 # -----------------------------------------------------------------------------
 ar_dir = "out-tasks-ar"             # the AR run every config converts (their init_from)
@@ -96,7 +98,8 @@ def train(variant, seed, device):
         return out
     print(f"training {out} ...", flush=True)
     t0 = time.time()
-    r = subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True)
+    # a run that is not finished is trained again from its source: its own folder may be replaced
+    r = subprocess.run([sys.executable, "train.py", *args, "--overwrite=True"], capture_output=True, text=True)
     if r.returncode != 0:
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
         sys.exit(f"error: training {out} failed: {last}")
@@ -182,7 +185,7 @@ def main():
     dev = resolve_device(device)
     try:
         ar = load_run(ar_dir, dev, flag="--ar_dir (the AR run that config/tasks_ar.py trains)")
-        problems = bench.load_problems("tasks", n_test)
+        problems = load_problems(ar.config["dataset"], ar.meta, n_test)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     except FileNotFoundError as e:
@@ -191,10 +194,19 @@ def main():
         sys.exit(f"error: jobs must be at least 1, got {jobs} (--jobs)")
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # a thread per run waits on its process
         pending = {v: [pool.submit(train, v, s, dev) for s in seed_list] for v in variants}
+        with tqdm(total=sum(map(len, pending.values())), desc="training", unit="run") as bar:
+            for _ in concurrent.futures.as_completed([f for fs in pending.values() for f in fs]):
+                bar.update()
         runs = {v: [f.result() for f in fs] for v, fs in pending.items()}
 
     print(f"\nscoring {sum(map(len, runs.values()))} runs on {len(problems)} test prompts ...", flush=True)
-    scores = {v: [score(out, ar.model, problems, dev) for out in outs] for v, outs in runs.items()}
+    scores, bar = {}, tqdm(total=sum(map(len, runs.values())), desc="scoring", unit="run")  # on stderr, not stdout
+    for v, outs in runs.items():
+        scores[v] = []
+        for out in outs:
+            scores[v].append(score(out, ar.model, problems, dev))
+            bar.update()
+    bar.close()
     ar_score = bench.evaluate(bench.decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
 
     lines = []

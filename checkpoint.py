@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from model import ModelConfig, Recipe, Transformer
+from tokenizer import CharTokenizer, load_tokenizer
 
 
 class CheckpointError(Exception):
@@ -60,14 +61,31 @@ def load_checkpoint(path, device="cpu", flag="--out_dir"):
     return checkpoint
 
 
-def recipe_of(checkpoint):
+# Training options that were removed because they measured no better than the seed spread
+# (docs/conversions.md), with the value that meant "off". A checkpoint written before they went
+# holds them: at these values they are dropped on load; any other value is a run this code
+# cannot reproduce, refused by name.
+REMOVED_OPTIONS = dict(noisy_copies=1, noisy_blocks=0, min_masked=0, loss_weight="1/t", loss_norm="tokens")
+
+
+def removed_option(settings):
+    """'name=value' of the first removed option a run used with a value other than off, or None."""
+    return next((f"{k}={settings[k]!r}" for k, off in REMOVED_OPTIONS.items() if settings.get(k, off) != off), None)
+
+
+def recipe_of(checkpoint, path="the checkpoint"):
     """The Recipe of a dLM checkpoint, None for an AR one. Checkpoints written before the recipe
     was saved in them get it from their settings, which held the same values."""
-    if "recipe" in checkpoint:
-        return Recipe(**checkpoint["recipe"]) if checkpoint["recipe"] else None
     c = checkpoint["config"]
-    if c.get("mode") != "dlm":
+    record = checkpoint.get("recipe", {} if c.get("mode") == "dlm" else None)
+    used = removed_option(record or {}) or removed_option(c)
+    if used:
+        raise CheckpointError(f"{path} was trained with {used}, an option this version removed (it measured no "
+                              f"better than the seed spread); train it again without it")
+    if record is None:
         return None
+    if record:
+        return Recipe(**{k: v for k, v in record.items() if k not in REMOVED_OPTIONS})
     return Recipe(block_size=c["block_size"], mask_id=checkpoint["meta"]["mask_id"], pattern=c.get("attention", "block"),
                   token_shift=c.get("token_shift", False), mask_half_life=c.get("mask_half_life", 0.1),
                   t_eps=c.get("t_eps", 1e-3))
@@ -87,22 +105,6 @@ def model_from(checkpoint, path, **overrides):
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first mismatch torch lists
         raise CheckpointError(f"{path}: the weights do not fit the architecture recorded with them ({first[:160]})") from None
     return model
-
-
-class CharTokenizer:
-    """The vocabulary of a character-level run: one id per character."""
-
-    def __init__(self, itos, n_chars):
-        self.itos, self.stoi = itos, {c: i for i, c in enumerate(itos[:n_chars])}
-
-    def encode(self, text, allow_special=False):  # a character vocabulary has no special tokens to allow
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise ValueError(f"the text has characters outside the vocabulary: {''.join(unknown)!r}")
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        return "".join(self.itos[t] for t in ids)
 
 
 @dataclass
@@ -126,7 +128,6 @@ class Run:
         """A converted Qwen run's tiktoken tokenizer (saved beside its checkpoint), or the
         character vocabulary that travels in the checkpoint."""
         if self.meta.get("tokenizer") == "tiktoken":
-            from convert_qwen import load_tokenizer  # only converted Qwen runs need tiktoken
             return load_tokenizer(self.out_dir)
         return CharTokenizer(self.meta["itos"], self.meta["mask_id"])
 
@@ -136,4 +137,4 @@ def load_run(out_dir, device="cpu", flag="--out_dir"):
     path = os.path.join(out_dir, "ckpt.pt")
     checkpoint = load_checkpoint(path, device, flag)
     model = model_from(checkpoint, path).to(device).eval()
-    return Run(model, recipe_of(checkpoint), checkpoint["config"], checkpoint["meta"], str(out_dir))
+    return Run(model, recipe_of(checkpoint, path), checkpoint["config"], checkpoint["meta"], str(out_dir))

@@ -14,6 +14,8 @@ import ast
 import difflib
 import io
 import os
+import platform
+import subprocess
 import sys
 import tokenize
 
@@ -67,6 +69,17 @@ def _unknown(key, defaults):
     return f"unknown setting '{key}'{hint}"
 
 
+def _close_file(path):
+    """' (did you mean ...?)' for a config file path that is misspelled, among the .py files
+    beside where it points and in config/ and its folders."""
+    folders = {os.path.dirname(path) or ".", "config"} | {os.path.join("config", d) for d in
+                                                          (os.listdir("config") if os.path.isdir("config") else [])}
+    files = [os.path.join(d, f) if d != "." else f for d in folders if os.path.isdir(d) for f in os.listdir(d)
+             if f.endswith(".py")]
+    close = difflib.get_close_matches(path, files, n=1, cutoff=0.7)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _check(key, value, config, nullable, origin):
     """value, if it may replace config[key]: the same type as the current value (an int for a
     float is widened, anything for a string is kept as text), or None where that is allowed."""
@@ -92,7 +105,8 @@ def configure(defaults, argv=None, nullable=()):
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
-                _fail(f"config file '{arg}' not found (settings are given as --key=value; --help lists them)")
+                _fail(f"config file '{arg}' not found{_close_file(arg)} (settings are given as --key=value; "
+                      f"--help lists them)")
             scope = {}
             try:
                 exec(open(arg).read(), scope)
@@ -146,6 +160,40 @@ def load_config(scope, nullable=()):
     return config
 
 
+def code_commit():
+    """The git commit of the code that runs, with '+changes' when the work tree differs from it;
+    'unknown' outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def describe_device(device):
+    """The device in words: a GPU's name, or the CPU's model, family and the instruction sets that
+    decide its float32 and bfloat16 kernels (AVX2, AVX-512, AVX-512 BF16, AMX), and the threads."""
+    import torch
+    if str(device).startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name, family, flags = platform.processor() or platform.machine(), "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        name, family, flags = fields.get("model name", name), fields.get("cpu family", ""), set(fields.get("flags", "").split())
+    except OSError:
+        pass
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{name}" + (f" (family {family})" if family else "") + f", {' '.join(have) or 'no AVX2/AVX-512/AMX'}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
 def resolve_device(device):
     """'auto' -> 'cuda' if there is a GPU, else 'cpu'; anything torch cannot use is a one-line error."""
     import torch
@@ -166,15 +214,27 @@ def resolve_device(device):
     return device
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def dtype_of(name):
+    """The torch dtype of a --dtype value other than 'auto'; a ValueError naming the flag for anything else."""
+    import torch
+    if name not in DTYPES[1:]:
+        raise ValueError(f"dtype must be one of {', '.join(repr(n) for n in DTYPES)}, got {name!r} (--dtype)")
+    return getattr(torch, name)
+
+
 def resolve_dtype(dtype, device):
     """'auto' -> bfloat16 on a GPU that has it, else float32; returns the torch dtype."""
     import torch
-    names = ("auto", "float32", "bfloat16", "float16")
-    if dtype not in names:
-        _fail(f"dtype must be one of {', '.join(repr(n) for n in names)}, got {dtype!r} (--dtype)")
     cuda = device.startswith("cuda")
     if dtype == "auto":
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+    try:
+        ptdtype = dtype_of(dtype)
+    except ValueError as e:
+        _fail(str(e))
+    if ptdtype == torch.bfloat16 and cuda and not torch.cuda.is_bf16_supported():
         _fail("this GPU does not support bfloat16; use --dtype=float16 (or float32)")
-    return getattr(torch, dtype)
+    return ptdtype

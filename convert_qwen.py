@@ -19,7 +19,6 @@ the architecture in config.json: a missing, unexpected or misshapen tensor is an
 partial load. The converted model is an AR model (mode 'ar') until train.py converts it.
 """
 
-import base64
 import dataclasses
 import json
 import mmap
@@ -27,13 +26,14 @@ import os
 import shutil
 import sys
 import time
-import unicodedata
 import warnings
 
 import torch
 
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, recipe_of, recipe_record, save_checkpoint
+from configurator import dtype_of
 from model import ModelConfig, Transformer
+from tokenizer import TokenizerError, hf_tokenizer_json, load_tokenizer, save_tokenizer, tokenizer_from_hf
 
 # -----------------------------------------------------------------------------
 hf_dir = ""                     # the Hugging Face folder (config.json, *.safetensors, tokenizer.json)
@@ -54,6 +54,14 @@ END_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
 class ConversionError(Exception):
     """What is wrong with the input, in one line."""
+
+
+def stored_dtype(dtype):
+    """The torch dtype to convert the weights to; None for 'auto' (as stored)."""
+    try:
+        return None if dtype == "auto" else dtype_of(dtype)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,82 +194,6 @@ def convert_weights(hf_tensors, model_args, dtype=None):
 
 
 # ----------------------------------------------------------------------------------------
-# the tokenizer: Hugging Face byte-level BPE (tokenizer.json) -> tiktoken
-
-def byte_decoder():
-    """The byte-level BPE alphabet: each byte is written as one printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def tokenizer_from_hf(path):
-    """(pattern, ranks {token bytes: id}, special tokens {text: id}) of a byte-level BPE
-    tokenizer.json. tiktoken merges the pair whose result has the lowest rank, and returns ranks
-    as ids, so ids must follow the merge order, as they do in Qwen's vocabulary (checked)."""
-    with open(path, encoding="utf-8") as f:
-        tok = json.load(f)
-    model = tok.get("model", {})
-    if model.get("type") != "BPE":
-        raise ConversionError(f"{path}: model type {model.get('type')!r}, only byte-level BPE is supported")
-    splits = [p for p in (tok.get("pre_tokenizer") or {}).get("pretokenizers", []) if p.get("type") == "Split"]
-    if len(splits) != 1 or "Regex" not in splits[0].get("pattern", {}):
-        raise ConversionError(f"{path}: expected one Split pre-tokenizer with a regex (as Qwen's)")
-    decode = byte_decoder()
-    try:
-        ranks = {bytes(decode[c] for c in text): i for text, i in model["vocab"].items()}
-    except KeyError as e:
-        raise ConversionError(f"{path}: token character {e} is not in the byte-level alphabet") from None
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
-    merged = [model["vocab"].get(a + b) for a, b in merges]
-    if any(i is None for i in merged) or any(x > y for x, y in zip(merged, merged[1:])):
-        raise ConversionError(f"{path}: the token ids do not follow the merge order; tiktoken cannot reproduce it")
-    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    return splits[0]["pattern"]["Regex"], ranks, special
-
-
-class Tokenizer:
-    """A tiktoken Encoding with Qwen's NFC normalisation in front."""
-
-    def __init__(self, pattern, ranks, special, name="qwen"):
-        import tiktoken
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-        self.pattern, self.ranks, self.special = pattern, ranks, special
-
-    def encode(self, text, allow_special=False):
-        text = unicodedata.normalize("NFC", text)
-        return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-
-def save_tokenizer(out_dir, pattern, ranks, special):
-    with open(os.path.join(out_dir, "tokenizer.tiktoken"), "w") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(pattern=pattern, special_tokens=special), f, ensure_ascii=False, indent=1)
-
-
-def load_tokenizer(out_dir):
-    """The Tokenizer saved beside a converted checkpoint (or the checkpoint of a run from it)."""
-    vocab, extra = os.path.join(out_dir, "tokenizer.tiktoken"), os.path.join(out_dir, "tokenizer.json")
-    if not (os.path.exists(vocab) and os.path.exists(extra)):
-        raise FileNotFoundError(f"no tokenizer.tiktoken / tokenizer.json in {out_dir}; convert with convert_qwen.py")
-    with open(vocab) as f:
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
-    with open(extra, encoding="utf-8") as f:
-        info = json.load(f)
-    return Tokenizer(info["pattern"], ranks, info["special_tokens"])
-
-
-# ----------------------------------------------------------------------------------------
 # Hugging Face -> ours
 
 def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len=4096):
@@ -275,9 +207,7 @@ def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len
         cfg = json.load(f)
     ours = cfg.get("block_diffusion")
     args = dict(ours["model_args"]) if ours else model_args_from_hf(cfg, context_len)
-    to = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "?")
-    if to == "?":
-        raise ConversionError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r} (--dtype)")
+    to = stored_dtype(dtype)
     tensors = read_hf_weights(hf_dir)
     if ours:  # the all-zero biases an export adds where the Hugging Face class has them and our model does not
         tensors = {k: v for k, v in tensors.items() if k not in ours.get("zero_tensors", [])}
@@ -376,37 +306,6 @@ def hf_weights(state, args):
     return dict(tensors, **zeros), sorted(zeros)
 
 
-def hf_tokenizer_json(pattern, ranks, special):
-    """A Hugging Face tokenizer.json (byte-level BPE, NFC in front, Qwen's split regex) for a
-    tiktoken vocabulary. BPE needs the merges, which tiktoken does not store: the merge that
-    makes a token is the split into two parts that BPE reaches using only lower ranks."""
-    to_text = {b: c for c, b in byte_decoder().items()}
-    text = lambda bs: "".join(to_text[b] for b in bs)
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            best = min(((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))))
-            if best[0] >= rank:
-                break
-            parts[best[1]:best[1] + 2] = [parts[best[1]] + parts[best[1] + 1]]
-        if len(parts) != 2 or parts[0] + parts[1] != token:
-            raise ConversionError(f"token {token!r} (id {rank}) is not a merge of two lower-ranked tokens")
-        merges.append([text(parts[0]), text(parts[1])])
-    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)
-    added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-             for t, i in sorted(special.items(), key=lambda kv: kv[1])]
-    return dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=dict(type="NFC"),
-                pre_tokenizer=dict(type="Sequence", pretokenizers=[
-                    dict(type="Split", pattern=dict(Regex=pattern), behavior="Isolated", invert=False), byte_level]),
-                post_processor=byte_level, decoder=byte_level,
-                model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                           fuse_unk=False, byte_fallback=False, ignore_merges=False,
-                           vocab={text(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])}, merges=merges))
-
-
 def model_card(name, args, recipe, config, meta, threshold):
     kind = "Qwen3" if args["qk_norm"] else "Qwen2"
     what = (f"a block-diffusion language model: it decodes blocks of {recipe['block_size']} tokens, committing every "
@@ -450,7 +349,6 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
     under "block_diffusion"), the weights as safetensors (sharded above max_shard_size, with an
     index), the tokenizer and a model card. Written into a temporary folder that is renamed at
     the end, so a failed export leaves nothing that looks complete. Returns a summary."""
-    from checkpoint import load_checkpoint, recipe_of, recipe_record
     if os.path.isdir(hf_dir) and os.listdir(hf_dir):
         raise ConversionError(f"{hf_dir} exists and is not empty; nothing was written: pass a new --hf_dir")
     try:
@@ -460,9 +358,7 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
     args = dataclasses.asdict(ModelConfig(**ckpt["model_args"]))  # settings an older run left out get their defaults
     meta, config = ckpt["meta"], ckpt["config"]
     recipe = recipe_record(recipe_of(ckpt))
-    to = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "?")
-    if to == "?":
-        raise ConversionError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r} (--dtype)")
+    to = stored_dtype(dtype)
     state = {k: v if to is None else v.to(to) for k, v in ckpt["model"].items()}
     tensors, zero_names = hf_weights(state, args)
     limit = parse_size(max_shard_size)
@@ -534,5 +430,5 @@ if __name__ == "__main__":
             print(f"converted {hf_dir} -> {out_dir}/ckpt.pt ({args['n_layer']} layers x {args['n_embd']}, "
                   f"{'Qwen3' if args['qk_norm'] else 'Qwen2'}-style, vocab {args['vocab_size']:,}, "
                   f"context {args['context_len']})")
-    except ConversionError as e:
+    except (ConversionError, TokenizerError) as e:
         sys.exit(f"error: {e}")

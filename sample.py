@@ -17,12 +17,13 @@ import torch
 
 from checkpoint import CheckpointError, load_run
 from configurator import load_config, resolve_device, resolve_dtype
-from model import Decoding, generate_ar, generate_block
+from decode import Decoding, generate_ar, generate_block
 
 # -----------------------------------------------------------------------------
 out_dir = "out"             # the run to sample from
-start = "\n"                # the prompt, or FILE:path to read it from a file
-num_samples = 1             # decoded together, as one batch
+start = ""                  # the prompt, or FILE:path to read it from a file; '': a newline for a text run,
+                            # an example problem for a task run
+num_samples = 1             # samples decoded together, as one batch
 max_new_tokens = 500
 temperature = 0.0           # 0: greedy
 top_k = 0                   # 0: no top-k filtering
@@ -42,10 +43,15 @@ load_config(globals())
 
 device = resolve_device(device)
 ptdtype = resolve_dtype(dtype, device)
-if not 0 < threshold <= 1:
-    sys.exit(f"error: threshold must be in (0, 1], got {threshold} (--threshold)")
+if num_samples < 1:
+    sys.exit(f"error: num_samples must be at least 1, got {num_samples} (--num_samples)")
 if max_new_tokens < 1:
     sys.exit(f"error: max_new_tokens must be at least 1, got {max_new_tokens} (--max_new_tokens)")
+try:  # the ranges of threshold, temperature and top_k are checked where decoding is defined
+    decoding = Decoding(threshold=threshold, temperature=temperature, top_k=top_k, fuse_commit=fuse_commit,
+                        kv_cache=kv_cache, compile=compile)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 torch.manual_seed(seed)
 
 try:
@@ -54,6 +60,8 @@ except CheckpointError as e:
     sys.exit(f"error: {e}")
 model = run.model.to(dtype=ptdtype)
 
+if not start:  # a prompt the run's vocabulary can write
+    start = "add 57300+94000=" if run.meta.get("tasks") else "\n"
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -77,8 +85,7 @@ if len(prompt) > ctx_len // 2:
           f"so decoding uses only its last part", file=sys.stderr)
 
 recipe = run.recipe
-decoding = Decoding(threshold=threshold, temperature=temperature, top_k=top_k, fuse_commit=fuse_commit,
-                    kv_cache=kv_cache, end_ids=run.end_ids, compile=compile)
+decoding = dataclasses.replace(decoding, end_ids=run.end_ids)
 generator = torch.Generator(device).manual_seed(seed)
 prompts = [prompt] * num_samples
 t0 = time.perf_counter()
@@ -103,6 +110,9 @@ if recipe is not None:
     outs, stats = generate_block(model, prompts, max_new_tokens, recipe, decoding, generator=generator,
                                  on_step=show if show_steps else None)
 else:
+    if show_steps:
+        print("note: --show_steps=True shows a dLM's block being unmasked; an AR checkpoint writes one token per "
+              "forward, so there is nothing to show", file=sys.stderr)
     outs, stats = generate_ar(model, prompts, max_new_tokens, decoding, generator)
 if device.startswith("cuda"):
     torch.cuda.synchronize()

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CharTokenizer
 from configurator import configure
-from model import (Decoding, ModelConfig, Recipe, Transformer, Window, attention_rule, block_logits, block_mask,
-                   corrupt, dense_mask, diffusion_bound, diffusion_logits, diffusion_loss, generate_ar,
-                   generate_block, layout_mask, make_layout)
+from decode import Decoding, Window, generate_ar, generate_block
+from model import (ModelConfig, Recipe, Transformer, attention_rule, corrupt, dense_mask, diffusion_bound, diffusion_logits,
+                   diffusion_loss, training_mask)
+from tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +73,7 @@ def brute_force_mask(pattern, L, B):
 @pytest.mark.parametrize("pattern", ["causal", "block", "block_noisy", "bidirectional"])
 @pytest.mark.parametrize("L,B", [(8, 4), (16, 4), (12, 8), (20, 8), (16, 16), (6, 1), (7, 3)])
 def test_dense_mask_matches_brute_force(pattern, L, B):
-    assert torch.equal(layout_mask(pattern, B, L, "cpu"), brute_force_mask(pattern, L, B))
+    assert torch.equal(training_mask(pattern, B, L, "cpu"), brute_force_mask(pattern, L, B))
 
 
 def test_readme_shows_the_mask_the_code_draws():
@@ -89,7 +89,7 @@ def test_readme_shows_the_mask_the_code_draws():
 
 def test_block_layout_sparsity():
     # about three quarters of the 2L x 2L block mask is empty
-    m = layout_mask("block", 16, 256, "cpu")
+    m = training_mask("block", 16, 256, "cpu")
     assert 0.70 < 1 - m.float().mean().item() < 0.76
 
 
@@ -101,19 +101,19 @@ def test_flex_attention_equals_dense(pattern):
     idx = torch.randint(0, 24, (2, n))
     pos = torch.arange(n) % L
     with torch.no_grad():  # FlexAttention has no backward on CPU
-        dense = model(idx, pos, layout_mask(pattern, B, L, "cpu"))
-        flex = model(idx, pos, layout_mask(pattern, B, L, "cpu", flex=True))
+        dense = model(idx, pos, training_mask(pattern, B, L, "cpu"))
+        flex = model(idx, pos, training_mask(pattern, B, L, "cpu", True))
     assert (dense - flex).abs().max() < 1e-4
 
 
 def test_compiled_flex_attention_equals_dense():
     from torch.nn.attention.flex_attention import flex_attention
     L, B = 64, 16
-    rule = attention_rule("block", B, make_layout(L, B))
+    rule = attention_rule("block", B, L)
     q, k, v = (torch.randn(1, 2, 2 * L, 16) for _ in range(3))
     idx = torch.arange(2 * L)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(rule, idx, idx))
-    out = torch.compile(flex_attention)(q, k, v, block_mask=block_mask(rule, 2 * L, 2 * L, "cpu"))
+    out = torch.compile(flex_attention)(q, k, v, block_mask=training_mask("block", B, L, "cpu", True))
     assert (ref - out).abs().max() < 1e-5
 
 
@@ -126,7 +126,7 @@ def test_block_layout_matches_clean_stream_and_cache():
     x_0 = torch.randint(0, 23, (2, L))
     x_t, _ = corrupt(x_0, Recipe(block_size=B, mask_id=mask_id), torch.full((2, L // B), 0.5), torch.full((2, L // B), 4.0), 0.0)
     pos = torch.arange(L)
-    logits = model(torch.cat([x_t, x_0], 1), torch.cat([pos, pos]), layout_mask("block", B, L, "cpu"))
+    logits = model(torch.cat([x_t, x_0], 1), torch.cat([pos, pos]), training_mask("block", B, L, "cpu"))
     # the clean half is the clean sequence run alone, block-causally
     clean_rule = attention_rule("block", B)
     clean = model(x_0, pos, dense_mask(clean_rule, pos, pos))
@@ -156,11 +156,13 @@ def test_decoding_logits_equal_training_layout(pattern, shift):
         x_t[:, k * B:(k + 1) * B] = mask_id
         x_t[0, k * B + 3] = x_0[0, k * B + 3]  # a partly unmasked block too
         recipe = Recipe(block_size=B, mask_id=mask_id, pattern=pattern, token_shift=shift)
-        ref = diffusion_logits(model, x_t, x_0, layout_mask(pattern, B, L, "cpu"), recipe)
+        ref = diffusion_logits(model, x_t, x_0, training_mask(pattern, B, L, "cpu"), recipe)
         seq = torch.cat([x_0[:, :k * B], x_t[:, k * B:(k + 1) * B]], 1)
         for kv in (True, False):
             window = Window(model, seq, attention_rule(pattern, B), Decoding(kv_cache=kv, fuse_commit=False), align=B)
-            out = block_logits(window, k * B, B, shift)
+            s = k * B  # the span generate_block runs for block k: with token shift from one token earlier
+            out = window(max(s - shift, 0), s + B, clean_to=s)
+            out = (F.pad(out, (0, 0, 1, 0)) if shift and s == 0 else out)[:, :B]
             first = 1 if shift and k == 0 else 0  # nothing predicts position 0
             assert (out[:, first:] - ref[:, k * B + first:(k + 1) * B]).abs().max() < 1e-10
 
@@ -374,153 +376,7 @@ def test_any_order_bound_by_hand():
     assert abs(bound.item() - sum(per_block).item() / len(per_block)) < 1e-6
 
 
-# ----------------------------------------------------------------------------------------
-# the recipe's layouts: kept blocks, several noisy copies, the loss weights
-
-def brute_force_layout_mask(L, B, copies, blocks):
-    """What each input of [noisy copies of `blocks` ; x_0] stands for, and the method's rule written
-    out input by input: a noisy block sees itself and the clean copy of earlier blocks; the
-    clean copy is block-causal; nothing outside a noisy block sees it."""
-    inputs = [("noisy", c, slot, blk * B + i) for c in range(copies) for slot, blk in enumerate(blocks) for i in range(B)]
-    inputs += [("clean", None, None, p) for p in range(L)]
-    m = torch.zeros(len(inputs), len(inputs), dtype=torch.bool)
-    for q, (kind_q, copy_q, slot_q, pos_q) in enumerate(inputs):
-        for k, (kind_k, copy_k, slot_k, pos_k) in enumerate(inputs):
-            if kind_q == "noisy" and kind_k == "noisy":
-                m[q, k] = copy_q == copy_k and slot_q == slot_k
-            elif kind_q == "noisy":
-                m[q, k] = pos_k // B < pos_q // B
-            elif kind_k == "clean":
-                m[q, k] = pos_k // B <= pos_q // B
-    return m
-
-
-@pytest.mark.parametrize("copies,kept", [(1, None), (2, None), (3, None), (1, [[0, 2], [1, 3]]), (2, [[1, 3], [0, 1]])])
-def test_layout_masks_match_brute_force(copies, kept):
-    L, B = 16, 4
-    blocks = None if kept is None else torch.tensor(kept)
-    mask = layout_mask("block", B, L, "cpu", layout=make_layout(L, B, copies, blocks))
-    if blocks is None:
-        assert torch.equal(mask, brute_force_layout_mask(L, B, copies, range(L // B)))
-    else:  # a layout of its own per row
-        for r, row in enumerate(kept):
-            assert torch.equal(mask[r, 0], brute_force_layout_mask(L, B, copies, row))
-
-
-def test_layout_flex_attention_equals_dense():
-    model = tiny_model(sharp=1.0, context_len=256).float()
-    L, B = 256, 16
-    blocks = torch.stack([torch.randperm(L // B, generator=torch.Generator().manual_seed(r))[:6].sort().values
-                          for r in range(2)])
-    layout = make_layout(L, B, 2, blocks)
-    idx = torch.randint(0, 24, (2, layout.pos.size(1)))
-    with torch.no_grad():
-        dense = model(idx, layout.pos, layout_mask("block", B, L, "cpu", layout=layout))
-        flex = model(idx, layout.pos, layout_mask("block", B, L, "cpu", flex=True, layout=layout))
-    assert (dense - flex).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("shift", [False, True])
-def test_kept_blocks_and_copies_give_the_logits_of_the_full_layout(shift):
-    """Keeping some blocks of each noisy copy changes the cost, not the function: the logits of a
-    kept block equal those of the full one-copy layout at that block (same x_t); and each of
-    several copies gets the logits it would get alone."""
-    from model import noisy_logits
-    model = tiny_model(sharp=1.0)
-    L, B, mask_id = 32, 8, 23
-    recipe = Recipe(block_size=B, mask_id=mask_id, token_shift=shift)
-    g = torch.Generator().manual_seed(0)
-    x_0 = torch.randint(0, 23, (2, L), generator=g)
-    x_ts = [torch.where(torch.rand(2, L, generator=g) < 0.5, mask_id, x_0) for _ in range(2)]
-    alone = [diffusion_logits(model, x_t, x_0, layout_mask("block", B, L, "cpu"), recipe) for x_t in x_ts]
-    for blocks in (None, torch.tensor([[0, 2, 3], [1, 2, 3]])):
-        layout = make_layout(L, B, 2, blocks)
-        pick = (lambda x: x) if blocks is None else \
-            (lambda x: x.view(2, L // B, B, *x.shape[2:])[torch.arange(2)[:, None], blocks].flatten(1, 2))
-        idx = torch.cat([pick(x_t) for x_t in x_ts] + [x_0], 1)
-        logits = noisy_logits(model, idx, layout, layout_mask("block", B, L, "cpu", layout=layout), recipe)
-        n = layout.n_noisy // 2
-        for c in range(2):
-            assert (logits[:, c * n:(c + 1) * n] - pick(alone[c])).abs().max() < 1e-10
-
-
-@pytest.mark.parametrize("copies", [2, 4])
-def test_complementary_copies_cover_every_maskable_position_once(copies):
-    from model import draw_masks
-    B, L = 8, 64
-    g = torch.Generator().manual_seed(1)
-    x_0 = torch.randint(0, 20, (16, L), generator=g)
-    for maskable in (None, torch.rand(16, L, generator=g) < 0.4):
-        for min_masked in (0, 1):
-            recipe = Recipe(block_size=B, mask_id=23, noisy_copies=copies, min_masked=min_masked)
-            masks, blocks = draw_masks(x_0, recipe, maskable, generator=g)
-            allowed = torch.ones_like(x_0, dtype=torch.bool) if maskable is None else maskable
-            n = allowed.view(16, -1, B).sum(-1)
-            assert blocks is None and len(masks) == copies
-            for (a, _), (b, _) in zip(masks[0::2], masks[1::2]):  # each pair: every maskable position exactly once
-                assert torch.equal(a ^ b, allowed) and not (a & b).any()
-            if min_masked:  # a block with something to mask has at least one masked, and so does its complement
-                k = masks[0][0].view(16, -1, B).sum(-1)
-                assert (k[n >= 1] >= 1).all() and (n - k)[n >= 2].min() >= 1
-
-
-def test_kept_blocks_are_the_ones_with_something_to_mask():
-    from model import draw_masks
-    B, L = 4, 32
-    g = torch.Generator().manual_seed(2)
-    maskable = torch.zeros(3, L, dtype=torch.bool)
-    maskable[0, 5:7] = maskable[1, 20:30] = maskable[2, :] = True  # blocks {1}, {5, 6, 7}, all
-    masks, blocks = draw_masks(torch.zeros(3, L, dtype=torch.long), Recipe(block_size=B, mask_id=1, noisy_blocks=3),
-                               maskable, generator=g)
-    assert blocks.shape == (3, 3) and (blocks[:, 1:] > blocks[:, :-1]).all()  # in order
-    assert 1 in blocks[0].tolist() and blocks[1].tolist() == [5, 6, 7]
-
-
-@pytest.mark.parametrize("weight,norm,copies,blocks,min_masked", [
-    ("1/t", "tokens", 1, 0, 0), ("n/k", "tokens", 1, 0, 0), ("flat", "tokens", 1, 0, 0), ("1/t", "maskable", 1, 0, 0),
-    ("n/k", "maskable", 2, 0, 1), ("flat", "tokens", 2, 1, 0), ("1/t", "tokens", 3, 1, 1)])
-def test_loss_options_by_hand(weight, norm, copies, blocks, min_masked):
-    """Every weighting and normalisation, with copies and kept blocks, against a loop over rows,
-    copies, blocks and positions that replays the same draws."""
-    b, L, B, V, mask_id = 3, 8, 4, 6, 5
-    g0 = torch.Generator().manual_seed(0)
-    x_0 = torch.randint(0, 5, (b, L), generator=g0)
-    maskable = torch.rand(b, L, generator=g0) < 0.6
-    maskable[0, :4] = False  # a block with nothing to mask
-    logits = torch.randn(b, copies * (blocks or L // B) * B, V, dtype=torch.float64, generator=g0)
-    recipe = Recipe(block_size=B, mask_id=mask_id, noisy_copies=copies, noisy_blocks=blocks, min_masked=min_masked,
-                    loss_weight=weight, loss_norm=norm, mask_half_life=None)
-    loss = diffusion_loss(FixedLogits(logits), x_0, recipe, maskable=maskable, generator=torch.Generator().manual_seed(3))
-    # replay: one draw per row and block (t and scores per pair of copies, then the block choice)
-    pairs, nb = (copies + 1) // 2, L // B
-    draw = torch.rand(b, nb, pairs * (B + 1) + (blocks > 0), generator=torch.Generator().manual_seed(3))
-    total = [0.0] * b
-    for r in range(b):
-        n = [int(maskable[r, j * B:(j + 1) * B].sum()) for j in range(nb)]
-        kept = list(range(nb))
-        if blocks:  # a block with something to mask before one without, then the higher random score
-            kept = sorted(sorted(range(nb), key=lambda j: -((n[j] > 0) + draw[r, j, -1].item()))[:blocks])
-        for c in range(copies):
-            for slot, j in enumerate(kept):
-                t = 1e-3 + (1 - 1e-3) * draw[r, j, (c // 2) * (B + 1)].item()
-                k = round(t * n[j])
-                if min_masked:
-                    lo = min(n[j], min_masked)
-                    k = max(min(k, n[j] - lo if c // 2 * 2 + 1 < copies else n[j]), lo)
-                scores = [draw[r, j, (c // 2) * (B + 1) + 1 + i].item() if maskable[r, j * B + i] else -1.0 for i in range(B)]
-                first = sorted(range(B), key=lambda i: -scores[i])[:k]  # uniform masking: the k highest scores
-                masked = first if c % 2 == 0 else [i for i in range(B) if maskable[r, j * B + i] and i not in first]
-                t_c, k_c = (t, k) if c % 2 == 0 else (1 - t, n[j] - k)
-                w = {"1/t": 1 / t_c, "n/k": n[j] / max(k_c, 1), "flat": 1.0}[weight]
-                for i in masked:
-                    row = logits[r, (c * len(kept) + slot) * B + i]
-                    total[r] += -torch.log_softmax(row, -1)[x_0[r, j * B + i]].item() * w
-    want = sum(total) / (copies * b * L) if norm == "tokens" else \
-        sum(t / (copies * max(int(maskable[r].sum()), 1)) for r, t in enumerate(total)) / b
-    assert abs(loss.item() - want) < 1e-5 * abs(want)
-
-
-@pytest.mark.parametrize("mode", ["ar", "dlm", "dlm-options"])
+@pytest.mark.parametrize("mode", ["ar", "dlm", "dlm-answers"])
 def test_loss_does_not_depend_on_gradient_accumulation(mode):
     """One batch of 2b rows gives the gradient of two accumulated micro-batches of b rows (each
     loss divided by the number of micro-steps), drawing masks from the same generator."""
@@ -528,15 +384,14 @@ def test_loss_does_not_depend_on_gradient_accumulation(mode):
     model = Transformer(ModelConfig(vocab_size=12, context_len=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
                                     intermediate_size=32)).double()
     x_0, B = torch.randint(0, 11, (4, 16)), 4
-    mask = layout_mask("causal" if mode == "ar" else "block", B, 16, "cpu")
+    mask = training_mask("causal" if mode == "ar" else "block", B, 16, "cpu")
 
     def loss(rows, g, rows_maskable):
         if mode == "ar":
             return F.cross_entropy(model(rows[:, :-1], torch.arange(15), mask[:15, :15]).flatten(0, 1), rows[:, 1:].flatten())
         if mode == "dlm":
             return diffusion_loss(model, rows, Recipe(block_size=B, mask_id=11, mask_half_life=0.1), generator=g)
-        recipe = Recipe(block_size=B, mask_id=11, noisy_copies=2, noisy_blocks=3, min_masked=1, loss_weight="n/k",
-                        loss_norm="maskable", token_shift=True)
+        recipe = Recipe(block_size=B, mask_id=11, token_shift=True)  # the task recipe: answers only, token shift
         return diffusion_loss(model, rows, recipe, maskable=rows_maskable, generator=g)
 
     maskable = torch.rand(4, 16, generator=torch.Generator().manual_seed(6)) < 0.5
@@ -639,9 +494,10 @@ def test_sample_script(workdir, threshold):
     if threshold == 1.0:  # 30 tokens in blocks of 8 from position 6: 5 blocks, 4 commit passes of their own
         assert last_json(out)["forward_passes"] == 30 + 4
     assert texts[True] == texts[False] == out.splitlines()[:-1]
-    code, out, err = run("sample.py", "--out_dir=out-ar", "--start=ROMEO:", "--max_new_tokens=20", cwd=workdir)
+    code, out, err = run("sample.py", "--out_dir=out-ar", "--start=ROMEO:", "--max_new_tokens=20", "--show_steps=True",
+                         cwd=workdir)
     assert code == 0, err
-    assert last_json(out)["forward_passes"] == 20
+    assert last_json(out)["forward_passes"] == 20 and "nothing to show" in err  # --show_steps is for a dLM: a note
 
 
 
@@ -649,9 +505,11 @@ def test_bench_script_on_text(workdir):
     if not os.path.exists(workdir / "out-dlm" / "ckpt.pt"):
         pytest.skip("needs the checkpoints of test_training_lowers_loss_and_checkpoint_reloads")
     code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--thresholds=(1.0, 0.5)", "--batch_sizes=(1, 2)", "--unfused=1.0",
-                         "--max_new_tokens=16", "--n_samples=2", "--repeats=1", "--val_batches=1", "--start=ROMEO:", cwd=workdir)
+                         "--max_new_tokens=16", "--n_samples=2", "--repeats=1", "--val_batches=1", "--start=ROMEO:",
+                         "--plot=bench.png", cwd=workdir)
     assert code == 0, err
     result = last_json(out)
+    assert (workdir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "threads" in result["machine"]
     rows = {(r["mode"], r["threshold"], r["fuse_commit"], r["batch_size"]): r for r in result["decode"]}
     assert set(rows) == {(m, t, f, b) for m, t, f in [("ar", None, True), ("dlm", 1.0, True), ("dlm", 0.5, True),
                                                       ("dlm", 1.0, False)] for b in (1, 2)}
@@ -674,20 +532,41 @@ def test_bench_script_on_text(workdir):
     r = rows["dlm", True]
     assert r["speedup_over_tpf"] == round(r["speedup_vs_ar"] / r["tokens_per_forward"], 3) or abs(
         r["speedup_over_tpf"] - r["tokens_per_s"] / rows["ar", True]["tokens_per_s"] / r["tokens_per_forward"]) < 1e-2
-    code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=train", "--train_steps=1", cwd=workdir)
+
+    # the micro-benchmarks take the run's shape
+    code, out, err = run("microbench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=train", "--train_steps=1", cwd=workdir)
     assert code == 0, err
     assert [(r["mode"], r["attention"]) for r in last_json(out)["train"]] == [("ar", "dense"), ("dlm", "dense")]
-    code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=forward", "--cache_len=16",
+    code, out, err = run("microbench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=forward", "--cache_len=16",
                          "--forward_block=8", cwd=workdir)
     assert code == 0, err
     assert last_json(out)["forward"]["block_ms"] > 0
 
 
+def test_plot_without_matplotlib_is_a_one_line_error(workdir, tmp_path):
+    """matplotlib is optional: without it --plot stops at once with the install line, before any decoding."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    r = subprocess.run([sys.executable, "bench.py", "--out_dir=out-nope", "--plot=x.png"], cwd=workdir, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "pip install matplotlib" in lines[0] and "--plot" in lines[0]
+
+
+def test_linear_microbenchmark_names_the_machine():
+    """The peaks that the README's Speed section cites: one JSON line with the CPU named."""
+    code, out, err = run("microbench.py", "--mode=linear", "--device=cpu", cwd=HERE)
+    assert code == 0, err
+    rows = last_json(out)["linear"]
+    assert rows["matmul_2048_float32_gflops"] > 0 and rows["copy_gb_per_s"] > 0 and rows["linear_M9_float32_ms"] > 0
+    assert "threads" in rows["cpu"]
+
+
 def test_gpu_check_runs_on_a_cpu():
-    """The one prepared GPU check (bench.py --mode=gpu) runs on a CPU with a tiny shape, so it
+    """The one prepared GPU check (microbench.py --mode=gpu) runs on a CPU with a tiny shape, so it
     cannot rot: FlexAttention against the dense mask, the training steps, the forward ratio and
     the decode steps, one JSON line."""
-    code, out, err = run("bench.py", "--mode=gpu", "--device=cpu", "--cache_len=64", "--forward_block=8",
+    code, out, err = run("microbench.py", "--mode=gpu", "--device=cpu", "--cache_len=64", "--forward_block=8",
                          "--train_steps=1", "--repeats=1", cwd=HERE)
     assert code == 0, err
     result = last_json(out)
@@ -772,16 +651,16 @@ def checkpoint_tensors(path):
     return list(ckpt["model"].values()) + [v for k in sorted(state) for v in state[k].values()]
 
 
-RECIPE_FLAGS = ["--noisy_copies=2", "--noisy_blocks=3", "--min_masked=1", "--loss_weight=n/k", "--loss_norm=maskable"]
+RECIPE_FLAGS = ["--token_shift=True", "--mask_half_life=0.25"]  # recipe settings other than the defaults
 
 
-@pytest.mark.parametrize("mode", ["ar", "dlm", "dlm-options"])
+@pytest.mark.parametrize("mode", ["ar", "dlm", "dlm-recipe"])
 def test_resume_is_exact(workdir, mode):
     """8 iterations straight equal 4, a restart from the checkpoint, and 4 more: the same
     weights, optimizer state and losses (the data and masks of iteration i are drawn from
-    generators seeded by i, so nothing else needs restoring); also with every recipe option."""
+    generators seeded by i, so nothing else needs restoring); also with other recipe settings."""
     common = [*TINY, f"--mode={mode[:3].strip('-')}", "--block_size=8", "--eval_interval=4", "--lr_decay_iters=8",
-              "--warmup_iters=2", *(RECIPE_FLAGS if mode == "dlm-options" else [])]
+              "--warmup_iters=2", *(RECIPE_FLAGS if mode == "dlm-recipe" else [])]
     code, out, err = run("train.py", *common, f"--out_dir=resume-{mode}-a", "--max_iters=8", cwd=workdir)
     assert code == 0, err
     straight = losses(out)
@@ -801,9 +680,10 @@ def test_distributed_equals_one_process_with_accumulation(workdir, ar_run, fsdp)
     """torchrun with 2 processes (gloo, CPU) and 1 micro-step each, under DDP or FSDP: the same
     loss and the same updated weights as 1 process with 2 accumulated micro-steps, for an AR and
     a dLM step; and a run resumed under FSDP continues it."""
-    for mode, options in (("ar", []), ("dlm", RECIPE_FLAGS), ("dlm", [])):  # the recipe options too
+    for mode, options in (("ar", []), ("dlm", RECIPE_FLAGS), ("dlm", [])):  # other recipe settings too
         common = [*TINY, f"--init_from={ar_run.name}", f"--mode={mode}", "--block_size=8", "--max_iters=1",
-                  "--eval_interval=1", "--gradient_accumulation_steps=2", "--log_interval=1", "--warmup_iters=0", *options]
+                  "--eval_interval=1", "--gradient_accumulation_steps=2", "--log_interval=1", "--warmup_iters=0",
+                  "--overwrite=True", *options]  # the folders are reused across modes
         code, out, err = run("train.py", *common, f"--out_dir=dist-{mode}-1", cwd=workdir)
         assert code == 0, err
         one = [line for line in out.splitlines() if line.startswith("iter 1:")]
@@ -916,6 +796,12 @@ def bad_inputs(d, ckpt):
         ("block size", ["train.py", *T, "--mode=dlm", "--block_size=5"], ["block_size 5", "context_len 32"]),
         ("threshold", ["sample.py", f"--out_dir={ckpt.name}", "--threshold=1.5"], ["threshold", "1.5"]),
         ("max_new_tokens", ["sample.py", f"--out_dir={ckpt.name}", "--max_new_tokens=0"], ["max_new_tokens"]),
+        ("no samples", ["sample.py", f"--out_dir={ckpt.name}", "--num_samples=0"], ["num_samples", "--num_samples"]),
+        ("negative samples", ["sample.py", f"--out_dir={ckpt.name}", "--num_samples=-1"], ["num_samples", "-1"]),
+        ("negative top_k", ["sample.py", f"--out_dir={ckpt.name}", "--top_k=-5"], ["top_k", "-5", "--top_k"]),
+        ("negative temperature", ["sample.py", f"--out_dir={ckpt.name}", "--temperature=-1"], ["temperature", "--temperature"]),
+        ("no timed runs (bench)", ["bench.py", f"--out_dir={ckpt.name}", "--repeats=0"], ["repeats", "--repeats"]),
+        ("unknown mode (microbench)", ["microbench.py", "--mode=decode"], ["decode", "--mode"]),
         ("no cuda", ["train.py", *T, "--device=cuda"], ["cuda", "--device=cpu"]),
         ("unknown device (train)", ["train.py", *T, "--device=gpu"], ["'gpu'", "--device=cpu"]),
         ("unknown device (sample)", ["sample.py", f"--out_dir={ckpt.name}", "--device=gpu"], ["'gpu'", "--device=cpu"]),
@@ -958,7 +844,57 @@ def test_bad_inputs_give_one_line_errors(workdir, ar_run):
     assert os.listdir(workdir / "nonempty") == ["keep.txt"] and (workdir / "nonempty" / "keep.txt").read_text() == "a user's file"
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "ablate.py", "convert_qwen.py"])
+def test_a_new_run_never_replaces_a_checkpoint(workdir, ar_run):
+    """train.py into a folder that holds a checkpoint is refused, the checkpoint kept byte for
+    byte, unless --init_from=resume continues it or --overwrite=True asks for the replacement."""
+    import shutil
+    shutil.copytree(ar_run, workdir / "out-taken", dirs_exist_ok=True)
+    before = (workdir / "out-taken" / "ckpt.pt").read_bytes()
+    code, out, err = run("train.py", *TINY, "--out_dir=out-taken", "--max_iters=2", "--eval_interval=2", cwd=workdir)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and all(w in lines[0] for w in ("out-taken", "--init_from=resume", "--overwrite=True"))
+    assert (workdir / "out-taken" / "ckpt.pt").read_bytes() == before
+    code, out, err = run("train.py", *TINY, "--out_dir=out-taken", "--max_iters=2", "--eval_interval=2",
+                         "--overwrite=True", cwd=workdir)
+    assert code == 0, err
+    assert torch.load(workdir / "out-taken" / "ckpt.pt", weights_only=True)["iter_num"] == 2
+
+
+def test_misspelled_config_file_gets_a_suggestion():
+    code, out, err = run("train.py", "config/task_ar.py", cwd=HERE)
+    assert code != 0 and err.count("\n") == 1 and "did you mean 'config/tasks_ar.py'" in err
+
+
+def test_checkpoint_from_before_the_cut_loads(workdir, ar_run):
+    """Runs saved before five training options were removed hold them in their recipe and
+    settings: at their 'off' values they are dropped on load (sample.py, resume); a run that used
+    one is refused with a one-line error naming it, never a traceback."""
+    import shutil
+    from checkpoint import REMOVED_OPTIONS, load_run
+    code, out, err = run("train.py", *TINY, f"--init_from={ar_run.name}", "--out_dir=out-cut", "--mode=dlm",
+                         "--block_size=8", "--max_iters=2", "--eval_interval=2", cwd=workdir)
+    assert code == 0, err
+    ckpt = torch.load(workdir / "out-cut" / "ckpt.pt", weights_only=True)
+    for name, edit in (("old", {}), ("used", dict(noisy_copies=2))):
+        old = dict(ckpt, recipe={**ckpt["recipe"], **REMOVED_OPTIONS, **edit},
+                   config={**ckpt["config"], **REMOVED_OPTIONS, **edit})
+        os.makedirs(workdir / f"out-cut-{name}", exist_ok=True)
+        torch.save(old, workdir / f"out-cut-{name}" / "ckpt.pt")
+    assert load_run(workdir / "out-cut-old").recipe == load_run(workdir / "out-cut").recipe
+    code, out, err = run("sample.py", "--out_dir=out-cut-old", "--start=ROMEO:", "--max_new_tokens=8", cwd=workdir)
+    assert code == 0, err
+    code, out, err = run("train.py", *TINY, "--out_dir=out-cut-old", "--init_from=resume", "--mode=dlm", "--block_size=8",
+                         "--max_iters=3", "--eval_interval=3", cwd=workdir)
+    assert code == 0, err
+    for argv in (["sample.py", "--out_dir=out-cut-used"], ["bench.py", "--out_dir=out-cut-used"],
+                 ["train.py", *TINY, "--out_dir=out-cut-used", "--init_from=resume", "--mode=dlm", "--block_size=8"]):
+        code, out, err = run(*argv, cwd=workdir)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and "noisy_copies=2" in lines[0], err
+    shutil.rmtree(workdir / "out-cut-used")
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "microbench.py", "ablate.py", "convert_qwen.py", "ship.py"])
 def test_help_lists_every_setting(script):
     """--help (also -h, --help=anything) prints each setting with its value and its comment, and
     exits 0; after a config file, with the values it sets."""
@@ -970,7 +906,7 @@ def test_help_lists_every_setting(script):
         for key, (default, comment) in table.items():
             line = next(line for line in out.splitlines() if line.strip().startswith(f"{key} = "))
             assert repr(default) in line and comment in line
-    assert len(table) >= 5 and sum(bool(c) for _, c in table.values()) >= len(table) - 3  # (almost) all explained
+    assert len(table) >= (3 if script == "ship.py" else 5) and sum(bool(c) for _, c in table.values()) >= len(table) - 3  # (almost) all explained
     if script == "train.py":
         code, out, err = run(script, "config/tasks_dlm.py", "--help", cwd=HERE)
         assert code == 0 and "max_iters = 4500" in out and "(default 2000)" in out
@@ -978,6 +914,21 @@ def test_help_lists_every_setting(script):
 
 # ----------------------------------------------------------------------------------------
 # the task demo
+
+def test_task_sets_regenerate_from_the_seed_in_meta(tmp_path):
+    """What problems.py draws when data/tasks is missing is what prepare.py wrote: the test
+    problems in order, and the val tokens byte for byte (another seed, other sizes)."""
+    import numpy as np
+    from problems import load_problems, val_tokens
+    script = os.path.join(HERE, "data", "tasks", "prepare.py")
+    code, out, err = run(script, "--seed=7", "--n_train=50", "--n_val=30", "--n_test=20", f"--out_dir={tmp_path}", cwd=tmp_path)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    written = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert meta["seed"] == 7 and len(written) == 20 * len(meta["tasks"])
+    assert load_problems("nowhere", meta) == written
+    assert np.array_equal(val_tokens("nowhere", meta), np.fromfile(tmp_path / "val.bin", dtype=meta["dtype"]))
+
 
 def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
     script = os.path.join(HERE, "data", "tasks", "prepare.py")
@@ -1019,7 +970,7 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
 
 
 def test_answer_checker():
-    from bench import check
+    from problems import check
     for task, answer, wrong in [("rev", "cba", "abc"), ("dup", "abab", "aba"), ("sort", "abc", "acb"),
                                 ("add", "4201", "420"), ("chain", "3,7,4", "3,7,5")]:
         assert check(answer, answer) and not check(answer, wrong) and not check(answer, answer + "x")
@@ -1119,7 +1070,7 @@ class ReadsTheAnswer(torch.nn.Module):
 
 
 def test_accuracy_by_distance_against_a_brute_force_count():
-    from bench import accuracy_by_distance
+    from microbench import accuracy_by_distance
     B, recipe = 4, Recipe(block_size=4, mask_id=11, pattern="block", token_shift=False)
     want = {}  # task -> d -> masked positions d past the last clean token, one state at a time
     for p in TASK_PROBLEMS:
@@ -1176,7 +1127,7 @@ def hf_tokenizer(trained_on=None):
 
 @pytest.mark.parametrize("which", ["synthetic", "qwen"])
 def test_tokenizer_matches_hugging_face(tmp_path, which):
-    from convert_qwen import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_hf
+    from tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_hf
     tok = hf_tokenizer(TEXTS * 20 if which == "synthetic" else None)
     tok.save(str(tmp_path / "tokenizer.json"))
     pattern, ranks, special = tokenizer_from_hf(tmp_path / "tokenizer.json")
@@ -1356,6 +1307,43 @@ def test_export_of_a_character_run(workdir, tmp_path):
     check_export(workdir / "out-dlm", tmp_path / "chars", tmp_path / "back", sharded=False)
 
 
+def test_shipped_copies_are_weights_only_and_work_like_runs(workdir):
+    """ship.py: the copy holds the weights (float32, equal), the record of the run and of the
+    shipping, no optimizer state; the dLM names the shipped AR copy, which bench.py then takes as
+    its baseline; sample.py, train.py --init_from and convert_qwen.py --to_hf read the copies;
+    resuming one is a one-line error."""
+    if not os.path.exists(workdir / "out-dlm" / "ckpt.pt"):
+        pytest.skip("needs the checkpoints of test_training_lowers_loss_and_checkpoint_reloads")
+    code, out, err = run("ship.py", "--out_dir=out-ar", "--to=shipped/ar", cwd=workdir)
+    assert code == 0, err
+    code, out, err = run("ship.py", "--out_dir=out-dlm", "--to=shipped/dlm", "--source=shipped/ar", cwd=workdir)
+    assert code == 0, err
+    for run_dir, copy in [("out-ar", "shipped/ar"), ("out-dlm", "shipped/dlm")]:
+        a = torch.load(workdir / run_dir / "ckpt.pt", weights_only=True)
+        b = torch.load(workdir / copy / "ckpt.pt", weights_only=True)
+        assert "optimizer" not in b and "optimizer" in a
+        assert all(torch.equal(a["model"][k], b["model"][k]) and b["model"][k].dtype == torch.float32 for k in a["model"])
+        assert b["provenance"]["command"] == a["provenance"]["command"] and "ship.py" in b["provenance"]["shipped"]["command"]
+        assert (b["meta"], b["model_args"], b["recipe"]) == (a["meta"], a["model_args"], a["recipe"])
+    assert torch.load(workdir / "shipped/dlm/ckpt.pt", weights_only=True)["config"]["init_from"] == "shipped/ar"
+    code, out, err = run("bench.py", "--out_dir=shipped/dlm", "--thresholds=0.9", "--batch_sizes=1", "--repeats=1",
+                         "--unfused=0", "--n_samples=1", "--max_new_tokens=16", "--val_batches=1", cwd=workdir)
+    assert code == 0, err
+    assert "AR: shipped/ar;" in out
+    code, out, err = run("sample.py", "--out_dir=shipped/dlm", "--max_new_tokens=16", cwd=workdir)
+    assert code == 0, err
+    code, out, err = run("train.py", *TINY, "--out_dir=out-from-shipped", "--init_from=shipped/dlm", "--mode=dlm",
+                         "--block_size=8", "--max_iters=2", "--eval_interval=2", cwd=workdir)
+    assert code == 0, err
+    code, out, err = run("train.py", *TINY, "--out_dir=shipped/dlm", "--init_from=resume", "--mode=dlm",
+                         "--block_size=8", cwd=workdir)
+    assert code == 1 and err.startswith("error:") and "weights only" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = run("convert_qwen.py", "--to_hf=True", "--out_dir=shipped/dlm", "--hf_dir=shipped-hf", cwd=workdir)
+    assert code == 0, err
+    code, out, err = run("ship.py", "--out_dir=out-ar", cwd=workdir)
+    assert code == 1 and "--to" in err and len(err.strip().splitlines()) == 1
+
+
 def test_lora():
     from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
     base = tiny_model(sharp=1.0)
@@ -1441,9 +1429,22 @@ def test_every_ablation_config_runs(tmp_path):
     code, out, err = run(*common, cwd=tmp_path)
     assert code == 0, err
     builtin = {r["threshold"]: (r["accuracy"], r["tokens_per_forward"]) for r in last_json(out)["decode"]}
+    val = last_json(out)["val"]
     code, out, err = run(*common, "--eval=data/tasks/test.jsonl", f"--max_new_tokens={longest}", cwd=tmp_path)
     assert code == 0, err
     from_file = {r["threshold"]: (r["accuracy"], r["tokens_per_forward"]) for r in last_json(out)["eval"]}
     assert from_file == builtin and len(builtin) == 3
     written = [json.loads(line) for line in (tmp_path / "out-ablate" / "reference-s5" / "eval-test.jsonl").read_text().splitlines()]
     assert len(written) == 3 * len(problems) and all({"output", "correct", "tokens", "forwards"} <= set(w) for w in written)
+    # a fresh clone, where data/tasks was never prepared: the test prompts and val tokens are
+    # regenerated from the seed in the checkpoint's meta, and score the same
+    os.rename(tmp_path / "data" / "tasks", tmp_path / "data" / "tasks-prepared")
+    code, out, err = run(*common, cwd=tmp_path)
+    os.rename(tmp_path / "data" / "tasks-prepared", tmp_path / "data" / "tasks")
+    assert code == 0, err
+    regenerated = last_json(out)
+    assert {r["threshold"]: (r["accuracy"], r["tokens_per_forward"]) for r in regenerated["decode"]} == builtin
+    assert regenerated["val"] == val
+    # sample.py's default prompt on a task checkpoint is a task problem, written in its vocabulary
+    code, out, err = run("sample.py", "--out_dir=out-ablate/reference-s5", "--max_new_tokens=8", cwd=tmp_path)
+    assert code == 0 and out.startswith("add 57300+94000="), err

@@ -27,10 +27,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_checkpoint, model_from, recipe_record, save_checkpoint
-from configurator import load_config, resolve_device, resolve_dtype, settings
+from checkpoint import CheckpointError, load_checkpoint, model_from, recipe_record, removed_option, save_checkpoint
+from configurator import code_commit, describe_device, load_config, resolve_device, resolve_dtype, settings
 from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
-from model import PATTERNS, ModelConfig, Recipe, Transformer, diffusion_bound, diffusion_loss, layout_mask
+from model import PATTERNS, ModelConfig, Recipe, Transformer, diffusion_bound, diffusion_loss, training_mask
 
 # -----------------------------------------------------------------------------
 # settings: override them with config/x.py files and --key=value (--help lists them)
@@ -42,6 +42,7 @@ eval_iters = 50             # batches per evaluation
 log_interval = 10           # print the training loss every this many iterations
 eval_only = False           # evaluate once and stop (with init_from)
 always_save_checkpoint = True  # save at every evaluation, not only when the val loss improved
+overwrite = False           # True: a new run may replace the checkpoint already in out_dir (without it: refused)
 # data
 dataset = "shakespeare_char"  # a folder of data/ made by its prepare.py
 batch_size = 32             # rows per micro-batch (per process)
@@ -63,14 +64,9 @@ mode = "ar"                 # 'ar' (next token) or 'dlm' (block diffusion)
 attention = "block"         # dlm attention: 'block' (the method), 'block_noisy', 'bidirectional'
 block_size = 16             # the diffusion block: tokens denoised together (the paper's B)
 mask_half_life = 0.1        # the paper's lambda for position-dependent masking; None or 0: uniform
-token_shift = False         # True: logits at i-1 predict token i (Dream style; an ablation)
+token_shift = False         # True: logits at i-1 predict token i, as in the AR model (the task configs use it);
+                            # False: each position predicts its own token (the paper's choice)
 t_eps = 1e-3                # t ~ U(t_eps, 1)
-# what a dlm training forward spends its compute on (the defaults are the paper's; model.py, Recipe)
-noisy_copies = 1            # noisy copies beside one clean copy; a second one masks the complement of the first
-noisy_blocks = 0            # blocks per noisy copy, those with maskable tokens first (answers_only); 0: every block
-min_masked = 0              # at least this many masked per block that has maskable tokens
-loss_weight = "1/t"         # a masked token's weight: '1/t' (the paper), 'n/k' (the realised mask ratio), 'flat'
-loss_norm = "tokens"        # divide by the 'tokens' (b L), or each row by its 'maskable' tokens
 # LoRA (0: full training): adapters on every attention and MLP linear, merged into plain weights on save
 lora_rank = 0               # >0: train LoRA adapters of this rank instead of all weights
 lora_alpha = 32.0           # the adapters' scale is lora_alpha / lora_rank
@@ -109,6 +105,9 @@ if mode == "dlm" and attention not in PATTERNS[1:]:
     sys.exit(f"error: attention must be one of {PATTERNS[1:]} for mode='dlm', got '{attention}' (--attention)")
 if mode == "dlm" and (block_size < 1 or context_len % block_size):
     sys.exit(f"error: block_size {block_size} must divide context_len {context_len} (blocks lie on a fixed grid)")
+if init_from != "resume" and not overwrite and not eval_only and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+    sys.exit(f"error: {out_dir} already holds a checkpoint, which this run would replace; pass another --out_dir, "
+             f"--init_from=resume to continue it, or --overwrite=True to replace it")
 device = resolve_device(device)
 ptdtype = resolve_dtype(dtype, device)
 
@@ -150,15 +149,8 @@ if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
     sys.exit(f"error: {meta_path} has mask_id {meta.get('mask_id')} outside the vocabulary of {meta['vocab_size']}; "
              f"a dLM needs a mask token: run the dataset's prepare.py again")
 # the block-diffusion recipe, built once: the loss, the bound and (from the checkpoint) the decoder read it
-try:
-    recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
-                    mask_half_life=mask_half_life, t_eps=t_eps, noisy_copies=noisy_copies, noisy_blocks=noisy_blocks,
-                    min_masked=min_masked, loss_weight=loss_weight, loss_norm=loss_norm) if mode == "dlm" else None
-except ValueError as e:
-    sys.exit(f"error: {e} (--noisy_copies, --noisy_blocks, --min_masked, --loss_weight, --loss_norm)")
-if recipe and recipe.noisy_blocks > context_len // block_size:
-    sys.exit(f"error: noisy_blocks {noisy_blocks} is more than the {context_len // block_size} blocks of a "
-             f"context_len {context_len} window (--noisy_blocks)")
+recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
+                mask_half_life=mask_half_life, t_eps=t_eps) if mode == "dlm" else None
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
@@ -232,10 +224,16 @@ if init_from != "scratch":
         sys.exit(f"error: {ckpt_path} has vocab_size {model_args['vocab_size']} but data/{dataset} has "
                  f"{meta['vocab_size']}; use the dataset the checkpoint was trained on")
     if init_from == "resume":
+        if "optimizer" not in checkpoint:
+            sys.exit(f"error: {ckpt_path} holds weights only (a shipped model) and cannot be resumed; start a "
+                     f"run from it with --init_from={src_dir} and a new --out_dir")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "noisy_copies",
-                    "noisy_blocks", "min_masked", "loss_weight", "loss_norm", "answers_only", "align_windows", "dataset",
-                    "seed", "lora_rank", "lora_alpha", "lora_train_others"):
+        used = removed_option(checkpoint["config"])
+        if used:
+            sys.exit(f"error: {ckpt_path} was trained with {used}, an option this version removed; it cannot be "
+                     f"resumed: start a new run (a new --out_dir)")
+        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "answers_only",
+                    "align_windows", "dataset", "seed", "lora_rank", "lora_alpha", "lora_train_others"):
             if config[key] != checkpoint["config"].get(key, defaults[key]):
                 sys.exit(f"error: resuming a run trained with {key}={checkpoint['config'].get(key, defaults[key])!r} but {key}="
                          f"{config[key]!r} was given; resume with the run's own config file")
@@ -302,6 +300,7 @@ if init_from == "resume":
         set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=full)
     else:
         optimizer.load_state_dict(rekey(checkpoint["optimizer"], {n: i for i, n in enumerate(param_names)}))
+checkpoint_provenance = dict(resumed_from=checkpoint.get("provenance")) if init_from == "resume" else {}
 checkpoint = None  # free memory
 
 raw_model = model
@@ -320,7 +319,7 @@ if ddp and not fsdp:
 # On CUDA, attention masks are FlexAttention BlockMasks (tiles that are fully masked are skipped);
 # on CPU, dense boolean masks from the same rule. The AR mask is the same every step: built once.
 flex = device_type == "cuda"
-causal_mask = layout_mask("causal", 1, context_len, device, flex=flex)
+causal_mask = training_mask("causal", 1, context_len, device, flex)
 
 
 def compute_loss(model, batch, generator, evaluating=False):
@@ -382,7 +381,7 @@ def save_run():
     if not master:
         return
     ckpt = dict(model=model_state, optimizer=optim_state, model_args=model_args, recipe=recipe_record(recipe),
-                iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta,
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta, provenance=provenance,
                 **(dict(lora=lora_state_dict(raw_model)) if lora_rank else {}))
     try:
         save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
@@ -403,9 +402,13 @@ def generators(it, micro_step):
     return torch.Generator().manual_seed(base), torch.Generator(device).manual_seed(base + 500)
 
 
+# what made this run, saved with it: the command, the code's commit and the machine
+provenance = dict(command=" ".join(["python"] + sys.argv), commit=code_commit(), machine=describe_device(device),
+                  world_size=world_size, **(checkpoint_provenance if init_from == "resume" else {}))
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 batch = get_batch("train", generators(iter_num, 0)[0])
-t0 = time.time()
+t0 = run_t0 = time.time()
+iter_start = iter_num
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -459,9 +462,10 @@ while True:
                      f"Lower learning_rate; the last good checkpoint is kept")
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
-        if master:
+        if master:  # the time left, at this run's pace so far (evaluations and compilation included)
+            left = (time.time() - run_t0) / (iter_num - iter_start) * (max_iters - iter_num)
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s")
+                  f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}:{int(left) % 60:02d} left")
 
 if ddp:
     torch.distributed.barrier()  # the others wait for the master's last save before the group goes

@@ -16,7 +16,8 @@ Strings are of distinct letters, so that a letter can be looked up where it stoo
 Writes train.bin / val.bin (a stream of training problems), train.answers.bin / val.answers.bin
 (a byte per token: 1 where it belongs to an answer, for train.py --answers_only), test.jsonl
 (held-out prompts and answers, none of them seen in training) and meta.json (vocabulary, mask
-and end ids, dtype).
+and end ids, dtype, and the seed and sizes that regenerate the test and val sets: a checkpoint
+carries its meta.json, so bench.py can score a run where data/tasks was never prepared).
 
     python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100] [--weights=rev=1,...]
 """
@@ -76,6 +77,22 @@ def problems(seed, n, weights=None):
     return [(name, f"{name} {x}=", y) for _ in range(n) for name in rounds for x, y in [TASKS[name](r)]]
 
 
+def test_set(seed, n_test):
+    """The held-out test problems: n_test per task, drawn from seed + 1, no prompt twice."""
+    test, seen = [], set()
+    for task, prompt, answer in problems(seed + 1, 10 * n_test):
+        if prompt not in seen and sum(t == task for t, _, _ in test) < n_test:
+            test.append((task, prompt, answer))
+            seen.add(prompt)
+    return test
+
+
+def val_set(seed, n_val, test):
+    """The validation problems: n_val per task from seed + 2, none with a test prompt."""
+    seen = {p for _, p, _ in test}
+    return [q for q in problems(seed + 2, n_val) if q[1] not in seen]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=1337)
@@ -94,13 +111,10 @@ def main():
         p.error(f"--weights must be task=count pairs over {', '.join(TASKS)}, got {args.weights!r}")
 
     # test problems first; no training or validation problem may have a test prompt
-    test, seen = [], set()
-    for task, prompt, answer in problems(args.seed + 1, 10 * args.n_test):
-        if prompt not in seen and sum(t == task for t, _, _ in test) < args.n_test:
-            test.append((task, prompt, answer))
-            seen.add(prompt)
+    test = test_set(args.seed, args.n_test)
+    seen = {prompt for _, prompt, _ in test}
     train = [q for q in problems(args.seed, args.n_train, weights) if q[1] not in seen]
-    val = [q for q in problems(args.seed + 2, args.n_val) if q[1] not in seen]
+    val = val_set(args.seed, args.n_val, test)
 
     chars = sorted(set("".join(p + a for _, p, a in train + test + val)))
     itos = chars + ["[MASK]", "[END]"]
@@ -123,7 +137,7 @@ def main():
             f.write(json.dumps(dict(task=task, prompt=prompt, answer=answer)) + "\n")
     with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
         json.dump(dict(vocab_size=len(itos), itos=itos, mask_id=mask_id, end_id=end_id, dtype=dtype,
-                       tasks=list(TASKS)), f)
+                       tasks=list(TASKS), seed=args.seed, n_val=args.n_val, n_test=args.n_test), f)
     print(f"{len(train):,} training problems ({len(tokens(train)):,} tokens), {len(val):,} val, "
           f"{len(test):,} test; vocabulary {len(itos)}")
 

@@ -1,0 +1,245 @@
+"""
+Decoding: AR, one token per forward, and block-parallel threshold decoding of a block-diffusion
+LM, both with the exact static KV cache of model.py.
+
+All rows of a batch share the absolute positions (prompts are right-padded), so one mask serves
+the batch; a row's tokens never depend on the other rows: prompt positions are forced, positions
+past a row's end are never committed, and each row commits on its own confidences.
+
+Without the cache (Decoding(kv_cache=False)) every forward recomputes the whole window from
+scratch. That is the reference the cache is tested against (test_all.py), and the only way to
+decode bidirectional attention, whose keys change with every token (the attention ablation).
+"""
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model import attention_rule, dense_mask
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode, AR or dLM. Every script builds one, so the ranges are checked here."""
+    threshold: float = 0.9          # dLM: commit every masked token at least this confident (and always the
+                                    # most confident one); 1.0: one token per forward
+    temperature: float = 0.0        # 0: greedy
+    top_k: int = 0                  # 0: no top-k filtering
+    fuse_commit: bool = True        # dLM: write a finished block into the cache in the next block's first forward
+    kv_cache: bool = True           # False recomputes the whole window every forward: the oracle the cache is
+                                    # tested against, and the only way to decode bidirectional attention
+    end_ids: tuple = field(default=())  # a row stops at the first of these it generates
+    compile: bool = False           # run the steps, whose shapes never change, compiled (prefills stay eager)
+
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r} (--threshold)")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature!r} (--temperature)")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be 0 (off) or a positive number of tokens, got {self.top_k!r} (--top_k)")
+
+
+class Window:
+    """Runs spans of the token buffer `seq` (b, N) through the model and counts the forwards.
+
+    With the KV cache only new tokens are run: the cache is known to hold clean keys/values up
+    to absolute position `cached_to`, and whatever lies between it and the span asked for is
+    prefilled first (prompt prefill, an AR step, a block's commit pass and the re-prefill after
+    a slide are all this one mechanism). Without the cache every forward recomputes the whole
+    window. When a span would end past the context, the window slides forward by about half a
+    context, on the grid `align`."""
+
+    def __init__(self, model, seq, rule, decoding, align=1, steps=()):
+        self.model, self.seq, self.rule, self.kv_cache = model, seq, rule, decoding.kv_cache
+        self.align, self.fuse_prefill = align, decoding.fuse_commit
+        self.ctx = model.config.context_len
+        if self.ctx // 2 < align:
+            raise ValueError(f"context_len {self.ctx} must be at least twice the decode block {align}")
+        self.w = 0              # absolute position of the window's first token (rotary position 0)
+        self.cached_to = 0      # the cache holds clean keys/values for absolute positions [w, cached_to)
+        self.forwards = 0
+        # the spans of these lengths are the steps of decoding, run compiled if asked; the others
+        # (prefills, and everything without the cache) eager
+        self.compiled = set(steps) if decoding.compile and self.kv_cache else set()
+        model.setup_cache(seq.size(0)) if self.kv_cache else model.clear_cache()
+
+    def __call__(self, lo, hi, clean_to):
+        """Logits (b, hi-lo, V) of absolute positions [lo, hi), given that the tokens before
+        `clean_to` are final (clean) and belong in the cache. clean_to must end a whole block:
+        a clean token's keys depend on the whole of its block."""
+        # The window start is a function of `hi` alone, so that a row slides at the same
+        # places whatever else is in its batch: in steps of about half a context, on the grid.
+        step = self.ctx // 2 // self.align * self.align
+        w = 0 if hi <= self.ctx else ((hi - self.ctx - 1) // step + 1) * step
+        if w != self.w:
+            self.w, self.cached_to = w, w  # new rotary positions: the cache must be refilled
+        spans = []  # (start, end, first position whose logits are wanted)
+        if not self.kv_cache:
+            spans.append((self.w, hi, lo))  # the whole window, every forward
+        else:
+            start = lo
+            if self.cached_to < clean_to:  # clean tokens missing from the cache: prefill them
+                if self.fuse_prefill:
+                    start = self.cached_to  # in the same forward as the new tokens
+                else:
+                    spans.append((self.cached_to, clean_to, clean_to - 1))  # in a forward of their own
+            self.cached_to = clean_to
+            spans.append((start, hi, lo))
+        for start, end, first in spans:
+            self.forwards += 1
+            pos = torch.arange(start - self.w, end - self.w, device=self.seq.device)
+            tokens, T = self.seq[:, start:end], end - start
+            if T in self.compiled:  # one graph per length: the logits of every token, sliced after (a
+                # copy of the tokens of its own: a view's strides depend on the buffer's length)
+                logits = compiled_span_logits()(self.model, tokens.clone(memory_format=torch.contiguous_format), pos,
+                                                self.rule, T, kv_cache=self.kv_cache)[:, first - start:]
+            else:
+                logits = span_logits(self.model, tokens, pos, self.rule, end - first, kv_cache=self.kv_cache)
+        return logits
+
+
+def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
+    """Logits (b, n_logits, V) of the last n_logits of tokens (b, T) at window positions pos
+    (T,). The keys are the whole cache (without it, the tokens themselves), masked by the rule and
+    to positions up to the last one run. Positions are a tensor, so one compiled code serves
+    every step of a shape, wherever it stands."""
+    keys = torch.arange(model.config.context_len, device=pos.device) if kv_cache else pos
+    mask = dense_mask(rule, pos, keys) & (keys <= pos[-1])
+    return model(tokens, pos, mask, logits_slice=slice(tokens.size(1) - n_logits, None))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_span_logits():
+    """span_logits compiled for fixed shapes: one graph per step shape (an AR step, a block step,
+    a fused commit), compiled on first use; a GPU replays it as a CUDA graph."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
+    return torch.compile(span_logits, dynamic=False, mode="reduce-overhead" if torch.cuda.is_available() else None)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_rule(pattern, block_size):
+    """The rule of a clean stream (decoding), one function object per pattern and block size, so
+    that compiled steps see the same rule at every call."""
+    return attention_rule(pattern, block_size)
+
+
+def pick(logits, temperature=0.0, top_k=0, generator=None):
+    """Token and its probability (the confidence) per position, without host syncs."""
+    if temperature == 0:
+        probs = torch.softmax(logits.double(), dim=-1)
+        conf, tok = probs.max(dim=-1)
+        return tok, conf
+    logits = logits.double() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # sampling by the exponential race: argmax(p / Exp(1)) is a sample from p, no sync needed
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    tok = (probs / noise).argmax(dim=-1)
+    return tok, probs.gather(-1, tok[..., None])[..., 0]
+
+
+def prompt_buffer(prompts, max_new_tokens, fill, device, pad_to=1):
+    """Right-padded token buffer, prompt lengths, and per-row limit (prompt + max_new_tokens)."""
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    if lens.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    limit = lens + max_new_tokens
+    n = -(-int(limit.max()) // pad_to) * pad_to
+    seq = torch.full((len(prompts), n), fill, dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        seq[r, :len(p)] = torch.as_tensor(p, device=device)
+    return seq, lens, limit
+
+
+def outputs(seq, lens, limit, end_ids):
+    """Each row's generated tokens, cut at its first end token (which is dropped)."""
+    out = []
+    for r in range(seq.size(0)):
+        toks = seq[r, lens[r]:limit[r]].tolist()
+        first = next((i for i, t in enumerate(toks) if t in end_ids), len(toks))
+        out.append(toks[:first])
+    return out
+
+
+@torch.no_grad()
+def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=None):
+    """Autoregressive decoding, one token per forward. Returns (list of token lists, stats)."""
+    device = model.embed_tokens.weight.device
+    seq, lens, limit = prompt_buffer(prompts, max_new_tokens, 0, device)
+    window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), steps=(1,))
+    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps = torch.zeros_like(lens)
+    for p in range(int(lens.min()), int(limit.max())):
+        logits = window(p - 1, p, clean_to=p)[:, -1]
+        tok, _ = pick(logits, decoding.temperature, decoding.top_k, generator)
+        write = (p >= lens) & (p < limit) & ~done
+        seq[:, p] = torch.where(write, tok, seq[:, p])
+        steps += write
+        if decoding.end_ids:
+            done |= write & torch.isin(tok, ends)
+            if done.all():  # one host sync per token, only when there is an end token
+                break
+    model.clear_cache()
+    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
+
+
+@torch.no_grad()
+def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), generator=None, on_step=None):
+    """Block-parallel decoding of a block-diffusion LM.
+
+    Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free positions
+    masked and each forward commits every masked position whose confidence is at least the
+    threshold, and at least the most confident one, so a block takes at most B forwards. Its
+    logits are those of the noisy copy of training (model.diffusion_logits), its earlier blocks
+    clean in the cache; with token shift the logits at i-1 predict token i, so the forward starts
+    one token earlier, at the clean end of the block before. A finished block must be written
+    into the cache before the next block can see it: with `fuse_commit` in the next block's first
+    forward ([clean block k ; masked block k+1], the training rule), otherwise in a commit pass of
+    its own. `on_step(s, block, committed)` is called after every forward.
+
+    stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
+    row_forwards, per row the forwards spent on its own output (the steps in which it had masks
+    left, and any commit passes between its blocks): what a row would cost alone."""
+    if recipe.pattern == "bidirectional" and decoding.kv_cache:
+        raise ValueError("bidirectional attention has no exact KV cache: decode with kv_cache=False")
+    B, device, shift = recipe.block_size, model.embed_tokens.weight.device, int(recipe.token_shift)
+    seq, lens, limit = prompt_buffer(prompts, max_new_tokens, recipe.mask_id, device, pad_to=B)
+    abs_pos = torch.arange(seq.size(1), device=device)
+    free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
+    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    window = Window(model, seq, stream_rule(recipe.pattern, B), decoding, align=B, steps=(B, B + 1, 2 * B))
+    steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
+    for s in range(int(lens.min()) // B * B, int(limit.max()), B):
+        block = seq[:, s:s + B]  # a view: commits write straight into seq
+        todo = free[:, s:s + B] & ~done[:, None]
+        blocks += todo.any(-1)
+        while todo.any():  # the one host sync per forward
+            steps += todo.any(-1)
+            logits = window(max(s - shift, 0), s + B, clean_to=s)
+            if shift and s == 0:  # position 0 is a prompt token: nothing predicts it
+                logits = F.pad(logits, (0, 0, 1, 0))
+            tok, conf = pick(logits[:, :B], decoding.temperature, decoding.top_k, generator)
+            conf = conf.masked_fill(~todo, -1.0)
+            commit = todo & (conf >= decoding.threshold) if decoding.threshold < 1 else torch.zeros_like(todo)
+            commit |= F.one_hot(conf.argmax(-1), B).bool() & todo.any(-1, keepdim=True)  # at least one per active row
+            block.copy_(torch.where(commit, tok, block))
+            todo &= ~commit
+            ended = (torch.isin(block, ends) & free[:, s:s + B]).long()  # what follows a row's end token is dropped
+            todo &= (ended.cumsum(-1) - ended) == 0
+            if on_step is not None:
+                on_step(s, block, commit)
+        done |= (torch.isin(block, ends) & free[:, s:s + B]).any(-1)  # the block holding a row's end token is its last
+        if decoding.end_ids and done.all():
+            break
+    model.clear_cache()
+    row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
+    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards,
+                                                             row_forwards=row_forwards.tolist())

@@ -1,0 +1,416 @@
+"""
+Micro-benchmarks, and the one check to run on a GPU: what bench.py's decoding speed rests on.
+
+    python microbench.py --mode=linear                      # this machine: matmul peak, memory copy, and F.linear
+                                                            # of M rows (1..16) by a 3072x1024 weight
+    python microbench.py --mode=forward --shape=qwen3-0.6b  # a block forward against a KV cache over a token forward
+    python microbench.py --out_dir=out-tasks-dlm --mode=train   # a training step: AR vs dLM, MFU
+    python microbench.py --out_dir=out-tasks-dlm --mode=hf  # our AR decoding vs transformers' generate
+    python microbench.py --mode=gpu                         # the GPU check (a few minutes, nothing to download)
+    python microbench.py --out_dir=out-tasks-dlm --mode=by_distance   # why some answers decode in parallel: accuracy
+                                                            # and confidence by distance from the last clean token
+
+The modes that take a shape from a run read --out_dir (any checkpoint); --shape=qwen3-0.6b or
+tiny uses a random model of that shape instead. The last line printed is one JSON object.
+"""
+
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from bench import median_seconds
+from checkpoint import CheckpointError, load_run
+from configurator import describe_device, load_config, resolve_device
+from decode import Decoding, compiled_span_logits, generate_ar, generate_block, span_logits, stream_rule
+from model import ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, training_mask
+
+# -----------------------------------------------------------------------------
+mode = "linear"                     # 'linear', 'forward', 'train', 'hf', 'gpu' or 'by_distance'
+out_dir = ""                        # a run whose shape to use (forward, train, hf); '': --shape
+shape = ""                          # 'qwen3-0.6b' or 'tiny': a random model of that shape; '': the run's
+                                    # (gpu mode: qwen3-0.6b on a GPU, tiny on a CPU)
+cache_len = 512                     # forward: tokens in the cache
+forward_block = 32                  # forward: tokens in the block forward
+compile = False                     # train, forward, hf: compiled (on CUDA with CUDA graphs); gpu mode: both
+train_batch = 16                    # train: rows per training step
+train_steps = 5                     # train: timed steps (the median is reported), after a warm-up
+peak_flops = 0.0                    # train: the device's peak FLOP/s for MFU; 0: from the table below
+repeats = 3                         # hf, gpu: timed runs (the median is reported), after a warm-up
+n_prompts = 100                     # by_distance: test prompts per task
+threshold = 0.9                     # by_distance: the confidence a forward commits at
+device = "auto"                     # 'auto' (a GPU if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
+seed = 1337
+# -----------------------------------------------------------------------------
+MODES = ("linear", "forward", "train", "hf", "gpu", "by_distance")
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, by GPU name
+QWEN3_0_6B = dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128,
+                  intermediate_size=3072, rope_theta=1e6, qk_norm=True, tie_embeddings=True)
+
+
+def bench_linear(opt):
+    """The machine's measured peaks, against which bench.py's block forwards are judged: a square
+    matmul (FLOP/s), a large copy (bytes/s), and F.linear of M rows by a 3072x1024 weight (the
+    Qwen3-0.6B MLP's shape) for M = 1..16 in float32 and bfloat16: a block forward of M tokens
+    costs what one token costs only where the time stays flat in M."""
+    dev, rows = opt.device, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048, device=dev, dtype=dtype)
+        s, _ = median_seconds(lambda: a @ a, 5, dev)
+        rows[f"matmul_2048_{str(dtype)[6:]}_gflops"] = round(2 * 2048 ** 3 / s / 1e9, 1)
+    x = torch.empty(2 ** 27, dtype=torch.uint8, device=dev)  # 128 MiB: far beyond the caches
+    s, _ = median_seconds(lambda: x.clone(), 5, dev)
+    rows["copy_gb_per_s"] = round(2 * x.numel() / s / 1e9, 1)  # read + write
+    w32 = torch.randn(3072, 1024, device=dev)
+    for M in (1, 2, 4, 8, 9, 16):
+        for dtype in (torch.float32, torch.bfloat16):
+            w, inp = w32.to(dtype), torch.randn(M, 1024, device=dev, dtype=dtype)
+            s, _ = median_seconds(lambda: F.linear(inp, w), 50, dev, warmup=5)
+            rows[f"linear_M{M}_{str(dtype)[6:]}_ms"] = round(1000 * s, 4)
+    print(f"{describe_device(dev)}")
+    print(f"matmul 2048x2048: float32 {rows['matmul_2048_float32_gflops']} GFLOP/s, bfloat16 "
+          f"{rows['matmul_2048_bfloat16_gflops']} GFLOP/s; copy {rows['copy_gb_per_s']} GB/s (read + write)")
+    print("F.linear of M rows by a 3072x1024 weight: ms, and GFLOP/s as a share of the matmul's above")
+    for M in (1, 2, 4, 8, 9, 16):
+        cells = []
+        for dt in ("float32", "bfloat16"):
+            ms = rows[f"linear_M{M}_{dt}_ms"]
+            gflops = 2 * M * 3072 * 1024 / ms / 1e6
+            cells.append(f"{dt} {ms:6.3f} ms {gflops:6.1f} GFLOP/s ({100 * gflops / rows[f'matmul_2048_{dt}_gflops']:3.0f}%)")
+        print(f"  M={M:2d}  " + "   ".join(cells))
+    return dict(linear=dict(rows, cpu=describe_device(dev)))
+
+
+def train_flops(cfg, L, pattern, block):
+    """FLOPs of one training step (forward + backward = 3 forwards) per row: the linear layers
+    over every input position, the head over the positions scored, and attention over the
+    (query, key) pairs the mask keeps."""
+    n_in = 2 * L if pattern == "block" else L
+    d, hd = cfg.n_embd, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head) + 3 * d * cfg.intermediate_size
+    linear = 2 * n_in * cfg.n_layer * per_layer + 2 * L * d * cfg.vocab_size
+    kept = int(training_mask(pattern, block, L, "cpu").sum())
+    attention = 4 * kept * hd * cfg.n_head * cfg.n_layer
+    return 3 * (linear + attention)
+
+
+def train_rows(cfg, recipe, variants, opt):
+    """Tokens/s, MFU and peak memory of a training step of a random model of shape cfg, for each
+    (pattern, flex, lora, compiled) variant: AR (causal) or the recipe's dLM layout, the dense mask
+    or FlexAttention, all weights or LoRA of rank 16, eager or torch.compile'd."""
+    from lora import add_lora
+    cuda = opt.device.startswith("cuda")
+    L, B = cfg.context_len // recipe.block_size * recipe.block_size, recipe.block_size
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    peak = opt.peak_flops or next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0.0)
+    x = torch.randint(0, recipe.mask_id, (opt.train_batch, L + 1), device=opt.device)
+    g = torch.Generator(opt.device).manual_seed(opt.seed)
+    print(f"training step, batch {opt.train_batch} x {L} tokens, {Transformer(cfg).num_params() / 1e6:.2f}M parameters"
+          + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else " (no peak FLOP/s for this device: --peak_flops for MFU)"))
+    print(f"{'':30}{'tok/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}")
+    rows = []
+    for pattern, flex, lora, compiled in variants:
+        torch.manual_seed(opt.seed)
+        model = Transformer(cfg).to(opt.device)
+        if lora:
+            add_lora(model, 16, 32.0)
+        optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        fwd = torch.compile(model) if compiled else model
+        mask = training_mask("causal", B, L, opt.device, flex=flex)
+
+        def step():
+            with autocast:
+                if pattern == "causal":
+                    logits = fwd(x[:, :-1], torch.arange(L, device=opt.device), mask)
+                    loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+                else:
+                    loss = diffusion_loss(fwd, x[:, :-1], recipe, generator=g, flex=flex)
+            loss.backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        dt, _ = median_seconds(step, opt.train_steps, opt.device, warmup=2 if compiled else 1)
+        memory = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+        flops = train_flops(cfg, L, pattern, B) * opt.train_batch
+        mfu = flops / dt / peak if peak else None
+        name = ("AR" if pattern == "causal" else "dLM") + (" flex" if flex else " dense") + (" LoRA-16" if lora else "") \
+            + (" compiled" if compiled else "")
+        rows.append(dict(mode="ar" if pattern == "causal" else "dlm", attention="flex" if flex else "dense", lora=lora,
+                         compiled=compiled, tokens_per_s=round(opt.train_batch * L / dt, 1), ms_per_step=round(dt * 1000, 2),
+                         tflops=round(flops / dt / 1e12, 4), mfu=round(mfu, 4) if mfu else None,
+                         peak_gib=round(memory, 2) if memory else None))
+        print(f"{name:30}{opt.train_batch * L / dt:10.0f}{dt * 1000:10.1f}{flops / dt / 1e12:9.3f}"
+              + (f"{100 * mfu:6.1f}%" if mfu else f"{'-':>7}") + (f"{memory:10.2f}" if memory else f"{'-':>10}"))
+    return rows
+
+
+def bench_train(cfg, recipe, opt):
+    """A training step of a random model of shape cfg: AR against the dLM recipe (a run's, else
+    block 16), dense mask against FlexAttention (CUDA), eager or --compile=True."""
+    recipe = recipe or Recipe(block_size=16, mask_id=cfg.vocab_size - 1)
+    cuda = opt.device.startswith("cuda")
+    variants = [(p, flex, False, opt.compile) for p in ("causal", recipe.pattern) for flex in ((False, True) if cuda else (False,))]
+    return dict(train=train_rows(ModelConfig(**vars(cfg)), recipe, variants, opt))
+
+
+@torch.no_grad()
+def forward_ms(cfg, opt, compiled, dtype):
+    """Milliseconds of one single-token forward and of one `forward_block`-token block forward
+    (bidirectional inside the block), each against a KV cache holding `cache_len` tokens, batch
+    1: on a GPU both read all the weights, so their ratio is what a dLM pays per forward. Compiled:
+    the fixed-shape step that decoding runs (CUDA graphs on a GPU)."""
+    cfg = ModelConfig(**dict(vars(cfg), context_len=opt.cache_len + opt.forward_block))
+    model = Transformer(cfg).to(opt.device, dtype).eval()
+    model.setup_cache(1)
+    n, T_block, ctx = opt.cache_len, opt.forward_block, cfg.context_len
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=opt.device)
+    keys = torch.arange(ctx, device=opt.device)
+    span_logits(model, ids[:, :n], keys[:n], stream_rule("causal", 1), 1)  # the cache holds n tokens
+    run = compiled_span_logits() if compiled else span_logits
+    ms = {}
+    for name, T, rule in (("token", 1, stream_rule("causal", 1)), ("block", T_block, stream_rule("block", T_block))):
+        x, pos = ids[:, n:n + T], keys[n:n + T]
+        seconds, _ = median_seconds(lambda: run(model, x, pos, rule, T), 20, opt.device,
+                                    warmup=5 if compiled else 2)  # warm-up: compilation, CUDA graph capture
+        ms[name] = 1000 * seconds
+    model.clear_cache()
+    return ms
+
+
+def bench_forward(cfg, opt):
+    cuda = opt.device.startswith("cuda")
+    cfg = ModelConfig(**dict(vars(cfg), **(QWEN3_0_6B if opt.shape == "qwen3-0.6b" else {})))
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    ms = forward_ms(cfg, opt, opt.compile, dtype)
+    n_params = Transformer(cfg).num_params() if cfg.vocab_size < 10 ** 6 else 0
+    print(f"{n_params / 1e6:.0f}M parameters ({dtype}), cache {opt.cache_len} tokens, batch 1, compile={opt.compile}: one "
+          f"token {ms['token']:.3f} ms, a block of {opt.forward_block} {ms['block']:.3f} ms, ratio {ms['block'] / ms['token']:.2f}")
+    return dict(forward=dict(token_ms=round(ms["token"], 4), block_ms=round(ms["block"], 4), block_size=opt.forward_block,
+                             cache_len=opt.cache_len, ratio=round(ms["block"] / ms["token"], 3), compile=opt.compile))
+
+
+TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=24, intermediate_size=128,
+            rope_theta=1e6, qk_norm=True, tie_embeddings=True)
+
+
+def bench_gpu(opt):
+    """The one check to run when a GPU is at hand (a few minutes on one H100/H200, nothing to
+    download): FlexAttention against the dense mask for every pattern (bf16, compiled); a
+    training step of a random Qwen3-0.6B-shaped model, AR and dLM, dense and FlexAttention,
+    compiled, all weights and LoRA; a block forward over a token forward, eager and compiled with
+    CUDA graphs; the decode steps. On a CPU, --shape=tiny runs the same code in seconds."""
+    cuda = opt.device.startswith("cuda")
+    # compiled everywhere on a GPU (on a CPU only with --compile=True: compiling is slow there); a short run
+    opt = SimpleNamespace(**dict(vars(opt), compile=opt.compile or cuda, train_batch=min(opt.train_batch, 8),
+                                 train_steps=min(opt.train_steps, 3)))
+    shape = opt.shape or ("qwen3-0.6b" if cuda else "tiny")
+    cfg = ModelConfig(**dict(QWEN3_0_6B if shape == "qwen3-0.6b" else TINY, context_len=opt.cache_len))
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    recipe = Recipe(block_size=16, mask_id=cfg.vocab_size - 1)
+    info = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, shape=shape,
+                dtype=str(dtype).removeprefix("torch."))
+    print(f"GPU check on {info['device']}, torch {info['torch']}, a random {shape}-shaped model, {info['dtype']}")
+    result = dict(gpu_check=info)
+
+    def part(name, fn):  # each part on its own: one that fails is reported and the others still run
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001 (a diagnostic: report any failure, then go on)
+            result[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            print(f"{name}: FAILED {result[name]['error']}")
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+
+    @torch.no_grad()
+    def flex_vs_dense():
+        model = Transformer(ModelConfig(**dict(vars(cfg), n_layer=2))).to(opt.device, dtype).eval()
+        L, out = 512 if cuda else 64, {}
+        for pattern in ("causal", "block", "block_noisy", "bidirectional"):
+            n = 2 * L if pattern == "block" else L
+            idx = torch.randint(0, cfg.vocab_size, (2, n), device=opt.device)
+            pos = torch.arange(n, device=opt.device) % L
+            dense = model(idx, pos, training_mask(pattern, 16, L, opt.device)).float()
+            flex = model(idx, pos, training_mask(pattern, 16, L, opt.device, flex=True)).float()
+            out[pattern] = round(((dense - flex).abs().max() / dense.abs().max()).item(), 5)
+        print("FlexAttention against the dense mask, max |difference| / max |logit|: "
+              + ", ".join(f"{p} {d:.1e}" for p, d in out.items()))
+        if max(out.values()) > (3e-2 if dtype == torch.bfloat16 else 1e-4):
+            raise AssertionError(f"FlexAttention differs from the dense mask: {out}")
+        return out
+
+    def training():  # (FlexAttention has no backward on a CPU: dense masks only there)
+        c = ModelConfig(**dict(vars(cfg), context_len=1024 if cuda else 64))
+        variants = [(p, flex, False, opt.compile) for p in ("causal", "block") for flex in ((False, True) if cuda else (False,))]
+        return train_rows(c, recipe, variants + [("block", cuda, True, opt.compile)], opt)
+
+    def forward():
+        rows = {}
+        for compiled in (False, True) if opt.compile else (False,):
+            ms = forward_ms(cfg, opt, compiled, dtype)
+            rows["compiled" if compiled else "eager"] = dict(token_ms=round(ms["token"], 4), block_ms=round(ms["block"], 4),
+                                                              ratio=round(ms["block"] / ms["token"], 3))
+            print(f"one token {ms['token']:.3f} ms, a block of {opt.forward_block} {ms['block']:.3f} ms against a "
+                  f"{opt.cache_len}-token cache, batch 1, {'compiled' if compiled else 'eager'}: ratio {ms['block'] / ms['token']:.2f}")
+        return rows
+
+    def decode():
+        model = Transformer(ModelConfig(**dict(vars(cfg), context_len=256))).to(opt.device, dtype).eval()
+        prompts = [torch.randint(0, cfg.vocab_size - 1, (40,)).tolist()]
+        rows = {}
+        for compiled in (False, True) if opt.compile else (False,):
+            dec = Decoding(threshold=1.0, compile=compiled)
+            for name, fn in (("ar", lambda: generate_ar(model, prompts, 64, dec)),
+                             ("dlm", lambda: generate_block(model, prompts, 64, recipe, dec))):
+                seconds, (_, stats) = median_seconds(fn, opt.repeats, opt.device, warmup=1)
+                rows[f"{name}_{'compiled' if compiled else 'eager'}_ms_per_forward"] = round(1000 * seconds / stats["forward_passes"], 3)
+        print("decode steps, ms per forward at batch 1: " + ", ".join(f"{k.removesuffix('_ms_per_forward')} {v}" for k, v in rows.items()))
+        return rows
+
+    for name, fn in (("flex_vs_dense", flex_vs_dense), ("train", training), ("forward", forward), ("decode", decode)):
+        part(name, fn)
+    return result
+
+
+def bench_hf(c, opt):
+    """Our AR decoding (KV cache, greedy) against transformers' generate on the same weights, in
+    a Qwen3-shaped copy of the run's shape (q/k norm on; the weights random but shared)."""
+    try:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+    except ImportError:
+        sys.exit("error: --mode=hf needs transformers (pip install transformers)")
+    from convert_qwen import hf_name
+    device = opt.device
+    ours = Transformer(ModelConfig(**dict(vars(c), qk_norm=True, qkv_bias=False))).to(device).eval()
+    hf = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, max_position_embeddings=c.context_len,
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False)).to(device).eval()
+    state = {hf_name(k): v for k, v in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or not all("rotary" in k for k in missing):
+        sys.exit(f"error: the Qwen3 copy's weights do not map onto transformers' (missing {missing}, unexpected {unexpected})")
+    prompt = [1, 2, 3, 4]
+    n = c.context_len - len(prompt)
+    ids = torch.tensor([prompt], device=device)
+    with torch.no_grad():
+        want = hf(ids).logits[0, -1]
+        got = ours(ids, torch.arange(4, device=device), torch.ones(4, 4, dtype=torch.bool, device=device).tril())[0, -1]
+    if (want - got).abs().max() > 1e-3:
+        sys.exit("error: the Qwen3 copy does not match transformers' logits")
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                              pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+    runs = [("ours", lambda: generate_ar(ours, [prompt], n)[0][0])]
+    if opt.compile:
+        runs.append(("ours compiled", lambda: generate_ar(ours, [prompt], n, Decoding(compile=True))[0][0]))
+    rates, tokens = {}, {}
+    for name, fn in runs + [("transformers", run_hf)]:
+        seconds, tokens[name] = median_seconds(fn, opt.repeats, device, warmup=1)
+        rates[name] = n / seconds
+    best = max((name for name, _ in runs), key=rates.get)
+    same = all(tokens[name] == tokens["transformers"] for name, _ in runs)
+    print(f"\nAR greedy decoding of {n} tokens at batch 1, Qwen3-shaped {ours.num_params() / 1e6:.2f}M model: "
+          + ", ".join(f"{name} {rates[name]:.1f} tok/s" for name, _ in runs)
+          + f", transformers generate {rates['transformers']:.1f} tok/s ({rates[best] / rates['transformers']:.2f}x, {best}); "
+          f"same tokens: {same}")
+    return dict(ours_tok_s=round(rates[best], 1), ours=best, hf_tok_s=round(rates["transformers"], 1),
+                ratio=round(rates[best] / rates["transformers"], 3), same_tokens=same,
+                **({"ours_eager_tok_s": round(rates["ours"], 1)} if opt.compile else {}))
+
+
+@torch.no_grad()
+def accuracy_by_distance(model, recipe, tokenizer, end_id, problems, threshold=0.9, device="cpu"):
+    """Why some answers decode in parallel and others do not. In every state that left-to-right
+    block decoding passes through (an answer clean up to some position, the rest of its block
+    masked), each masked position is predicted greedily; it stands d positions past the last
+    clean token (d = 1: right after it, where an AR model predicts too). Per task and d: how many,
+    how many right, how many at least `threshold` confident (those a forward would commit) and
+    how many of those right. Computed without a cache, in the training layout."""
+    B, mask_id = recipe.block_size, recipe.mask_id
+    counts = {}
+    for p in problems:
+        prompt = tokenizer.encode(p["prompt"])
+        seq = prompt + tokenizer.encode(p["answer"]) + [end_id]
+        L = -(-len(seq) // B) * B
+        x_0 = torch.tensor(seq + [mask_id] * (L - len(seq)), device=device)
+        first = torch.arange(len(prompt), len(seq), device=device)[:, None]  # each state's first masked position
+        pos = torch.arange(L, device=device)
+        x_t = torch.where(pos >= first, mask_id, x_0)
+        logits = diffusion_logits(model, x_t, x_0.expand_as(x_t), training_mask(recipe.pattern, B, L, device), recipe)
+        conf, tok = logits.float().softmax(-1).max(-1)
+        scored = (pos >= first) & (pos < (first // B + 1) * B) & (pos < len(seq))  # the rest of the first block
+        d = (pos - first + 1)[scored]
+        right, sure = (tok == x_0)[scored], (conf >= threshold)[scored]
+        n = counts.setdefault(p["task"], torch.zeros(4, B + 1, dtype=torch.float64, device=device))
+        for k, w in enumerate((torch.ones_like(right), right, sure, sure & right)):
+            n[k] += torch.bincount(d, w.double(), B + 1)
+    counts = {t: n.cpu() for t, n in counts.items()}  # one copy to the host, at the end
+    return {t: [dict(d=d, n=int(n[0, d]), accuracy=round(100.0 * n[1, d].item() / n[0, d].item(), 1),
+                     sure=round(100.0 * n[2, d].item() / n[0, d].item(), 1),
+                     sure_accuracy=round(100.0 * n[3, d].item() / n[2, d].item(), 1) if n[2, d] else None)
+                for d in range(1, B + 1) if n[0, d]] for t, n in counts.items()}
+
+
+def bench_by_distance(run, opt):
+    """accuracy_by_distance of a task dLM over opt.n_prompts test prompts per task, as a table."""
+    from problems import load_problems  # the same test prompts as the accuracy
+    if run.recipe is None:
+        sys.exit("error: --mode=by_distance needs a dLM run (--out_dir)")
+    try:
+        problems = load_problems(run.config["dataset"], run.meta, opt.n_prompts)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    rows = accuracy_by_distance(run.model, run.recipe, run.tokenizer(), run.end_ids[0], problems, opt.threshold, opt.device)
+    print(f"by distance d from the last clean token, answers decoded left to right, {opt.n_prompts} prompts per task: "
+          f"accuracy % / share at least {opt.threshold} confident % / accuracy of those %")
+    print(f"{'':7}" + "".join(f"{f'd={d}':>13}" for d in range(1, run.recipe.block_size + 1)))
+    for t, cells in rows.items():
+        print(f"{t:7}" + "".join((f"{c['accuracy']:.0f}/{c['sure']:.0f}/" + (f"{c['sure_accuracy']:.0f}" if c["sure"]
+                                                                           else "-")).rjust(13) for c in cells))
+    return dict(by_distance=rows)
+
+
+def main(opt):
+    if opt.mode not in MODES:
+        sys.exit(f"error: mode must be one of {', '.join(MODES)}, got '{opt.mode}' (--mode)")
+    if opt.repeats < 1 or opt.train_steps < 1:
+        sys.exit("error: repeats and train_steps must be at least 1 (--repeats, --train_steps)")
+    opt.device = resolve_device(opt.device)
+    torch.manual_seed(opt.seed)
+    if opt.mode == "linear":
+        print(json.dumps(bench_linear(opt)))
+        return
+    if opt.mode == "gpu":  # random models only: no checkpoint needed
+        print(json.dumps(bench_gpu(opt)))
+        return
+    if opt.out_dir:
+        try:
+            run = load_run(opt.out_dir, opt.device)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        cfg, recipe = run.model.config, run.recipe
+    elif opt.shape in ("qwen3-0.6b", "tiny"):
+        cfg, recipe = ModelConfig(**(QWEN3_0_6B if opt.shape == "qwen3-0.6b" else TINY)), None
+    else:
+        sys.exit("error: pass --out_dir=<a run> for its shape, or --shape=qwen3-0.6b or --shape=tiny")
+    if opt.mode == "by_distance":
+        result = bench_by_distance(run, opt) if opt.out_dir else sys.exit("error: --mode=by_distance needs --out_dir")
+    elif opt.mode == "train":
+        result = bench_train(cfg, recipe, opt)
+    elif opt.mode == "forward":
+        result = bench_forward(cfg, opt)
+    else:
+        result = dict(hf=bench_hf(cfg, opt))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(SimpleNamespace(**load_config(globals())))
