@@ -69,7 +69,7 @@ def load_problems(dataset, meta, n=0):
             problems = [json.loads(line) for line in f]
     else:
         problems = [dict(task=t, prompt=p, answer=a) for t, p, a in
-                    _task_generator(meta, dataset).test_set(meta["seed"], meta["n_test"])]
+                    _task_generator(meta, dataset).test_set(meta["seed"], meta["n_test"]) if t in meta["tasks"]]
     if n:
         tasks = sorted({p["task"] for p in problems}, key=[p["task"] for p in problems].index)
         problems = [p for t in tasks for p in [q for q in problems if q["task"] == t][:n]]
@@ -83,7 +83,8 @@ def val_tokens(dataset, meta):
     if os.path.exists(path):
         return np.memmap(path, dtype=meta["dtype"], mode="r")
     gen = _task_generator(meta, dataset)
-    val = gen.val_set(meta["seed"], meta["n_val"], gen.test_set(meta["seed"], meta["n_test"]))
+    val = [q for q in gen.val_set(meta["seed"], meta["n_val"], gen.test_set(meta["seed"], meta["n_test"]))
+           if q[0] in meta["tasks"]]
     stoi = {c: i for i, c in enumerate(meta["itos"][:meta["mask_id"]])}
     return np.array([i for _, p, a in val for i in [stoi[c] for c in p + a] + [meta["end_id"]]], dtype=meta["dtype"])
 

@@ -928,6 +928,15 @@ def test_task_sets_regenerate_from_the_seed_in_meta(tmp_path):
     assert meta["seed"] == 7 and len(written) == 20 * len(meta["tasks"])
     assert load_problems("nowhere", meta) == written
     assert np.array_equal(val_tokens("nowhere", meta), np.fromfile(tmp_path / "val.bin", dtype=meta["dtype"]))
+    # a set of three tasks (weight 0 for the others): the full set's vocabulary and, of its tasks, its test problems
+    code, out, err = run(script, "--seed=7", "--n_train=50", "--n_val=30", "--n_test=20", "--weights=rev=0,dup=0",
+                         f"--out_dir={tmp_path / 'three'}", cwd=tmp_path)
+    assert code == 0, err
+    three = json.loads((tmp_path / "three" / "meta.json").read_text())
+    assert three["tasks"] == ["sort", "add", "chain"] and three["itos"] == meta["itos"]
+    subset = [json.loads(line) for line in (tmp_path / "three" / "test.jsonl").read_text().splitlines()]
+    assert subset == [p for p in written if p["task"] in three["tasks"]] == load_problems("nowhere", three)
+    assert np.array_equal(val_tokens("nowhere", three), np.fromfile(tmp_path / "three" / "val.bin", dtype=meta["dtype"]))
 
 
 def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
@@ -967,6 +976,51 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
         want = {"rev": lambda: x[::-1], "dup": lambda: x + x, "sort": lambda: "".join(sorted(x)),
                 "add": lambda: str(sum(int(n[::-1]) for n in x.split("+"))).zfill(6)[::-1], "chain": lambda: chain(x)}
         assert p["answer"] == want[p["task"]]()
+
+
+PRETRAINED = os.path.join(HERE, "pretrained")
+# measured on the shipped checkpoints when this test was written, over the first 20 test prompts
+# of each task at batch 1: (correct answers, forward passes)
+SHIPPED_COUNTS = dict(ar=(100, 1274), dlm=(92, 460))
+
+
+def test_shipped_checkpoints_hold_weights_only():
+    """pretrained/: weights only (no optimizer state), float32, readable with weights_only=True,
+    12 MB at most in all, each with the record of what made it; the dLM names the shipped AR."""
+    total = 0
+    for name in ("tasks-ar", "tasks-dlm"):
+        path = os.path.join(PRETRAINED, name, "ckpt.pt")
+        total += os.path.getsize(path)
+        ckpt = torch.load(path, weights_only=True)
+        assert "optimizer" not in ckpt and "lora" not in ckpt
+        assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+        assert {"command", "commit", "machine", "shipped"} <= set(ckpt["provenance"]), ckpt["provenance"]
+        assert "config/tasks_" in ckpt["provenance"]["command"]
+    assert total <= 12e6
+    assert torch.load(os.path.join(PRETRAINED, "tasks-dlm", "ckpt.pt"), weights_only=True)["config"]["init_from"] == \
+        "pretrained/tasks-ar"
+
+
+def test_shipped_models_on_the_first_20_prompts_of_each_task():
+    """A regression test of the decoders on trained weights: the shipped AR model and its dLM at
+    threshold 0.9 decode the first 20 test prompts of every task one at a time, and give the counts
+    measured when this was written (a change of decoding that alters them must say why). The
+    shipped dLM does not yet reach the demo's target (within 2 points of the AR model at 3.5 or
+    more tokens per forward): 92 of 100 at 2.78 against the AR model's 100."""
+    from bench import decoder, evaluate
+    from checkpoint import load_run
+    from problems import load_problems
+    ar, dlm = (load_run(os.path.join(PRETRAINED, name)) for name in ("tasks-ar", "tasks-dlm"))
+    problems = load_problems("tasks", dlm.meta, 20)  # data/tasks/test.jsonl, or regenerated from the recorded seed
+    assert len(problems) == 100
+    got = {}
+    for name, run_ in (("ar", ar), ("dlm", dlm)):
+        decode = decoder(run_.model, run_.recipe, Decoding(threshold=0.9, end_ids=run_.end_ids))
+        r = evaluate(decode, problems, run_.tokenizer(), batch_size=1)
+        got[name] = (sum(o["correct"] for o in r["outputs"]), sum(o["forwards"] for o in r["outputs"]))
+        got[name + "_tpf"] = r["tokens_per_forward"]
+    assert got["ar"][0] >= 95 and got["dlm_tpf"] > 2.5, got
+    assert (got["ar"], got["dlm"]) == (SHIPPED_COUNTS["ar"], SHIPPED_COUNTS["dlm"]), got
 
 
 def test_answer_checker():

@@ -20,6 +20,9 @@ and end ids, dtype, and the seed and sizes that regenerate the test and val sets
 carries its meta.json, so bench.py can score a run where data/tasks was never prepared).
 
     python data/tasks/prepare.py [--seed=1337] [--n_train=40000] [--n_test=100] [--weights=rev=1,...]
+
+A weight of 0 leaves a task out of the training, val and test sets (the vocabulary stays that of
+all five): python data/tasks/prepare.py --weights=rev=0,dup=2,sort=0,add=1,chain=1 --out_dir=data/tasks3
 """
 
 import argparse
@@ -115,8 +118,11 @@ def main():
     seen = {prompt for _, prompt, _ in test}
     train = [q for q in problems(args.seed, args.n_train, weights) if q[1] not in seen]
     val = val_set(args.seed, args.n_val, test)
-
+    # the vocabulary of all five tasks, so that a set of fewer (a weight of 0) fits the same models;
+    # its test and val problems are those of the full set, of its tasks only
     chars = sorted(set("".join(p + a for _, p, a in train + test + val)))
+    tasks = [t for t in TASKS if weights.get(t, 1) > 0]
+    test, val = ([q for q in qs if q[0] in tasks] for qs in (test, val))
     itos = chars + ["[MASK]", "[END]"]
     stoi = {c: i for i, c in enumerate(chars)}
     mask_id, end_id = len(chars), len(chars) + 1
@@ -137,7 +143,7 @@ def main():
             f.write(json.dumps(dict(task=task, prompt=prompt, answer=answer)) + "\n")
     with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
         json.dump(dict(vocab_size=len(itos), itos=itos, mask_id=mask_id, end_id=end_id, dtype=dtype,
-                       tasks=list(TASKS), seed=args.seed, n_val=args.n_val, n_test=args.n_test), f)
+                       tasks=tasks, seed=args.seed, n_val=args.n_val, n_test=args.n_test), f)
     print(f"{len(train):,} training problems ({len(tokens(train)):,} tokens), {len(val):,} val, "
           f"{len(test):,} test; vocabulary {len(itos)}")
 
