@@ -27,12 +27,12 @@ source = ""                 # dLM: the shipped AR folder to record as its source
 # -----------------------------------------------------------------------------
 
 
-def shipped(checkpoint, source=""):
-    """The weights-only, float32 copy of a checkpoint, with its record."""
+def shipped(checkpoint, run_dir, source=""):
+    """The weights-only, float32 copy of the checkpoint of run_dir, with its record."""
     config = dict(checkpoint["config"], **(dict(init_from=source) if source else {}))
     provenance = dict(checkpoint.get("provenance") or {},
                       shipped=dict(command=" ".join(["python"] + sys.argv), commit=code_commit(),
-                                   from_run=os.path.basename(os.path.normpath(out_dir))))
+                                   from_run=os.path.basename(os.path.normpath(run_dir))))
     model = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in checkpoint["model"].items()}
     keep = ("model_args", "recipe", "iter_num", "best_val_loss", "meta")
     return dict(model=model, config=config, provenance=provenance, **{k: checkpoint[k] for k in keep if k in checkpoint})
@@ -48,7 +48,7 @@ if __name__ == "__main__":
         sys.exit(f"error: --source={source} holds no ckpt.pt; ship the AR run first")
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        save_checkpoint(shipped(checkpoint, source), os.path.join(to, "ckpt.pt"))
+        save_checkpoint(shipped(checkpoint, out_dir, source), os.path.join(to, "ckpt.pt"))
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     for f in ("tokenizer.tiktoken", "tokenizer.json"):  # a converted Qwen run's tokenizer travels beside it
