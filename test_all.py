@@ -981,7 +981,7 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
 PRETRAINED = os.path.join(HERE, "pretrained")
 # measured on the shipped checkpoints when this test was written, over the first 20 test prompts
 # of each task at batch 1: (correct answers, forward passes)
-SHIPPED_COUNTS = dict(ar=(100, 1274), dlm=(92, 460))
+SHIPPED_COUNTS = dict(ar=(100, 1274), dlm=(100, 262))
 
 
 def test_shipped_checkpoints_hold_weights_only():
@@ -1004,9 +1004,9 @@ def test_shipped_checkpoints_hold_weights_only():
 def test_shipped_models_on_the_first_20_prompts_of_each_task():
     """A regression test of the decoders on trained weights: the shipped AR model and its dLM at
     threshold 0.9 decode the first 20 test prompts of every task one at a time, and give the counts
-    measured when this was written (a change of decoding that alters them must say why). The
-    shipped dLM does not yet reach the demo's target (within 2 points of the AR model at 3.5 or
-    more tokens per forward): 92 of 100 at 2.78 against the AR model's 100."""
+    measured when this was written (a change of decoding that alters them must say why), and the
+    demo's claim: the dLM within 2 points of the AR model at 3.5 or more tokens per forward (100 of
+    100 at 4.86 against the AR model's 100)."""
     from bench import decoder, evaluate
     from checkpoint import load_run
     from problems import load_problems
@@ -1019,7 +1019,7 @@ def test_shipped_models_on_the_first_20_prompts_of_each_task():
         r = evaluate(decode, problems, run_.tokenizer(), batch_size=1)
         got[name] = (sum(o["correct"] for o in r["outputs"]), sum(o["forwards"] for o in r["outputs"]))
         got[name + "_tpf"] = r["tokens_per_forward"]
-    assert got["ar"][0] >= 95 and got["dlm_tpf"] > 2.5, got
+    assert got["ar"][0] >= 95 and got["dlm"][0] >= got["ar"][0] - 2 and got["dlm_tpf"] >= 3.5, got
     assert (got["ar"], got["dlm"]) == (SHIPPED_COUNTS["ar"], SHIPPED_COUNTS["dlm"]), got
 
 
