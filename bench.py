@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_run
 from configurator import describe_device, load_config, resolve_device, resolve_dtype
-from decode import Decoding, generate_ar, generate_block
+from decode import Decoding, generate_ar, generate_block, step_model
 from model import diffusion_bound, training_mask
 from problems import CHAT, check, load_eval_file, load_problems, val_tokens
 
@@ -261,20 +261,27 @@ def bench_decode(ar, dlm, opt):
                 bar.update()
                 decode = make(model, rcp, dataclasses.replace(dec, compile=compiled))
                 extra = {}
-                if compiled:  # the first run compiles; the tokens must be those of the eager run
+                q = quality[name]
+                if compiled:  # the first run compiles; the tokens must be those of the eager run of the model
+                    # the compiled steps run (a large model on a CPU: maybe its bfloat16 copy)
+                    ran, _ = step_model(model, dataclasses.replace(dec, compile=True))
                     t0 = time.perf_counter()
                     outs = [o for i in range(0, len(prompts), bs) for o in decode(prompts[i:i + bs], max_new)[0]]
-                    eager = [o for i in range(0, len(prompts), bs) for o in make(model, rcp, dec)(prompts[i:i + bs], max_new)[0]]
-                    extra = dict(compile_s=round(time.perf_counter() - t0, 1), same_tokens=outs == eager)
+                    eager = [o for i in range(0, len(prompts), bs) for o in make(ran, rcp, dec)(prompts[i:i + bs], max_new)[0]]
+                    extra = dict(compile_s=round(time.perf_counter() - t0, 1), same_tokens=outs == eager,
+                                 dtype=str(ran.embed_tokens.weight.dtype)[6:])
+                    if ran is not model and tasks_mode:  # the accuracy in that dtype, beside float32's
+                        r = evaluate(make(ran, rcp, dec), problems, tokenizer, opt.eval_batch)
+                        q = dict(q, accuracy=round(r["average"], 2), accuracy_float32=q["accuracy"])
                 tps, forwards, tpf = decode_speed(decode, prompts, max_new, bs, opt, count_end=tasks_mode)
                 ar_tps = ar_tps or tps
-                q = quality[name]
                 tpf = q["tokens_per_forward"] if tasks_mode else round(tpf, 3)  # tasks: over the answers
                 row = dict(mode="ar" if rcp is None else "dlm", threshold=rcp and dec.threshold, fuse_commit=dec.fuse_commit,
                            compiled=compiled, batch_size=bs, tokens_per_forward=tpf, forward_passes=forwards,
                            tokens_per_s=round(tps, 1), speedup_vs_ar=round(tps / ar_tps, 2),
                            speedup_over_tpf=round(tps / ar_tps / tpf, 3), gen_ppl=q.get("gen_ppl"),
-                           entropy=q.get("entropy"), accuracy=q.get("accuracy"), **extra)
+                           entropy=q.get("entropy"), accuracy=q.get("accuracy"), **extra,
+                           **({"accuracy_float32": q["accuracy_float32"]} if "accuracy_float32" in q else {}))
                 if tasks_mode:
                     row.update(per_task=q["per_task"], per_task_tokens_per_forward=q["per_task_tokens_per_forward"])
                 rows.append(row)
@@ -282,7 +289,7 @@ def bench_decode(ar, dlm, opt):
                 label = name + (" compiled" if compiled else "")
                 tqdm.write(f"{label:31}{bs:6d}{tpf:7.2f}{forwards:10d}{tps:10.1f}{tps / ar_tps:8.2f}x"
                       f"{row['speedup_over_tpf']:7.2f}{qual}" + (f"  (compiled in {extra['compile_s']} s, same tokens: "
-                                                                  f"{extra['same_tokens']})" if compiled else ""))
+                                                                  f"{extra['same_tokens']}, {extra['dtype']})" if compiled else ""))
     bar.close()
     result = dict(decode=rows, **result)
     if recipe:

@@ -175,20 +175,29 @@ def code_commit():
     return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def cpu_fields():
+    """The first CPU's fields in /proc/cpuinfo ('model name', 'cpu family', 'flags', ...); {} where
+    there is no such file (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in fields.items()}
+
+
+def cpu_flags():
+    return set(cpu_fields().get("flags", "").split())
+
+
 def describe_device(device):
     """The device in words: a GPU's name, or the CPU's model, family and the instruction sets that
     decide its float32 and bfloat16 kernels (AVX2, AVX-512, AVX-512 BF16, AMX), and the threads."""
     import torch
     if str(device).startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    name, family, flags = platform.processor() or platform.machine(), "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        name, family, flags = fields.get("model name", name), fields.get("cpu family", ""), set(fields.get("flags", "").split())
-    except OSError:
-        pass
+    fields = cpu_fields()
+    name, family, flags = fields.get("model name", platform.processor() or platform.machine()), fields.get("cpu family", ""), cpu_flags()
     have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return (f"{name}" + (f" (family {family})" if family else "") + f", {' '.join(have) or 'no AVX2/AVX-512/AMX'}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -11,6 +11,7 @@ scratch. That is the reference the cache is tested against (test_all.py), and th
 decode bidirectional attention, whose keys change with every token (the attention ablation).
 """
 
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from configurator import cpu_flags
 from model import attention_rule, dense_mask
 
 
@@ -62,10 +64,11 @@ class Window:
         self.w = 0              # absolute position of the window's first token (rotary position 0)
         self.cached_to = 0      # the cache holds clean keys/values for absolute positions [w, cached_to)
         self.forwards = 0
-        # the spans of these lengths are the steps of decoding, run compiled if asked; the others
-        # (prefills, and everything without the cache) eager
+        # the spans of these lengths are the steps of decoding, compiled if asked, each a graph of its
+        # own; the others (prefills) then one graph for any length; without the cache everything eager
         self.compiled = set(steps) if decoding.compile and self.kv_cache else set()
-        model.setup_cache(seq.size(0)) if self.kv_cache else model.clear_cache()
+        self.model, self.large = step_model(model, decoding)
+        self.model.setup_cache(seq.size(0)) if self.kv_cache else self.model.clear_cache()
 
     def __call__(self, lo, hi, clean_to):
         """Logits (b, hi-lo, V) of absolute positions [lo, hi), given that the tokens before
@@ -93,10 +96,12 @@ class Window:
             self.forwards += 1
             pos = torch.arange(start - self.w, end - self.w, device=self.seq.device)
             tokens, T = self.seq[:, start:end], end - start
-            if T in self.compiled:  # one graph per length: the logits of every token, sliced after (a
-                # copy of the tokens of its own: a view's strides depend on the buffer's length)
-                logits = compiled_span_logits()(self.model, tokens.clone(memory_format=torch.contiguous_format), pos,
-                                                self.rule, T, kv_cache=self.kv_cache)[:, first - start:]
+            if self.compiled:  # a step: one graph per length; any other span (a prefill): one graph for
+                # all lengths. The logits of every token, sliced after, and the tokens copied (a view's strides
+                # depend on the buffer's length)
+                run = compiled_span_logits(self.large, dynamic=T not in self.compiled)
+                logits = run(self.model, tokens.clone(memory_format=torch.contiguous_format), pos, self.rule, T,
+                             kv_cache=self.kv_cache)[:, first - start:]
             else:
                 logits = span_logits(self.model, tokens, pos, self.rule, end - first, kv_cache=self.kv_cache)
         return logits
@@ -113,11 +118,49 @@ def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_span_logits():
-    """span_logits compiled for fixed shapes: one graph per step shape (an AR step, a block step,
-    a fused commit), compiled on first use; a GPU replays it as a CUDA graph."""
+def compiled_span_logits(frozen=False, dynamic=False):
+    """span_logits compiled, on first use: for fixed shapes, one graph per step shape (an AR step,
+    a block step, a fused commit), which a GPU replays as a CUDA graph; or with `dynamic` one
+    graph for spans of any length. `frozen`: the weights are constants of the graph, prepacked
+    for the CPU's matmul kernels (a large model on a CPU, see step_model)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
-    return torch.compile(span_logits, dynamic=False, mode="reduce-overhead" if torch.cuda.is_available() else None)
+    frozen = {"freezing": True, "emulate_precision_casts": True} if frozen else None  # rounding as eager does
+    return torch.compile(span_logits, dynamic=dynamic, options=frozen,
+                         mode="reduce-overhead" if torch.cuda.is_available() and not dynamic else None)
+
+
+# Weights of at least this many bytes (float32) are read from memory at every forward, not from the
+# caches: there the CPU's compiled steps take the kernels that keep a block of rows at about the cost
+# of one row (docs/speed.md measured the crossing between 34 and 118 MB).
+LARGE_WEIGHTS = 64 * 2 ** 20
+
+
+def step_model(model, decoding):
+    """The module the decoding steps run, and whether its weights are frozen into the graphs. The
+    model itself, except compiled on a CPU with large weights: there matmuls of a few rows are
+    poor in float32 (a general kernel, not the one-row one), while bfloat16 with float32
+    accumulation on a CPU with bf16 instructions (AVX-512 BF16 or AMX) costs about what one row
+    costs. So: a bfloat16 copy of the model, made again only when its weights change, where the
+    CPU has them; frozen (prepacked) weights in either dtype."""
+    p = model.embed_tokens.weight
+    if not (decoding.compile and decoding.kv_cache and p.device.type == "cpu" and p.dtype == torch.float32):
+        return model, False
+    if sum(q.numel() for q in model.parameters()) * 4 < LARGE_WEIGHTS:
+        return model, False
+    if not cpu_has_bf16():
+        return model, True
+    key = [(q.data_ptr(), q._version) for q in model.parameters()]
+    kept = model.__dict__.get("_bf16_copy")  # a plain attribute: not a submodule, not saved
+    if kept is None or kept[0] != key:
+        model.clear_cache()
+        skip = {id(v): None for k, v in model.__dict__.items() if k in ("_kept_caches", "_bf16_copy")}
+        kept = model.__dict__["_bf16_copy"] = (key, copy.deepcopy(model, skip).to(torch.bfloat16))
+    return kept[1], True
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX; Linux's flags)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,7 +229,7 @@ def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=N
             done |= write & torch.isin(tok, ends)
             if done.all():  # one host sync per token, only when there is an end token
                 break
-    model.clear_cache()
+    window.model.clear_cache()
     return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
 
 
@@ -239,7 +282,7 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
         done |= (torch.isin(block, ends) & free[:, s:s + B]).any(-1)  # the block holding a row's end token is its last
         if decoding.end_ids and done.all():
             break
-    model.clear_cache()
+    window.model.clear_cache()
     row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
     return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards,
                                                              row_forwards=row_forwards.tolist())

@@ -3,7 +3,8 @@ Micro-benchmarks, and the one check to run on a GPU: what bench.py's decoding sp
 
     python microbench.py --mode=linear                      # this machine: matmul peak, memory copy, and F.linear
                                                             # of M rows (1..16) by a 3072x1024 weight
-    python microbench.py --mode=forward --shape=qwen3-0.6b  # a block forward against a KV cache over a token forward
+    python microbench.py --mode=forward --shape=qwen3-0.6b  # forwards of 1..16 tokens against a KV cache, beside
+                                                            # the roofline floor (--out_dir=<run> --with_qwen=True: both)
     python microbench.py --out_dir=out-tasks-dlm --mode=train   # a training step: AR vs dLM, MFU
     python microbench.py --out_dir=out-tasks-dlm --mode=hf  # our AR decoding vs transformers' generate
     python microbench.py --mode=gpu                         # the GPU check (a few minutes, nothing to download)
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from bench import median_seconds
 from checkpoint import CheckpointError, load_run
 from configurator import describe_device, load_config, resolve_device
-from decode import Decoding, compiled_span_logits, generate_ar, generate_block, span_logits, stream_rule
+from decode import Decoding, compiled_span_logits, generate_ar, generate_block, span_logits, step_model, stream_rule
 from model import ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, training_mask
 
 # -----------------------------------------------------------------------------
@@ -34,7 +35,9 @@ out_dir = ""                        # a run whose shape to use (forward, train, 
 shape = ""                          # 'qwen3-0.6b' or 'tiny': a random model of that shape; '': the run's
                                     # (gpu mode: qwen3-0.6b on a GPU, tiny on a CPU)
 cache_len = 512                     # forward: tokens in the cache
-forward_block = 32                  # forward: tokens in the block forward
+with_qwen = False                   # forward: also the Qwen3-0.6B shape, after the run's
+forward_block = 32                  # gpu: tokens in the block forward
+rows = (1, 2, 4, 8, 9, 16)          # forward: the tokens of each forward timed (1: a token forward)
 compile = False                     # train, forward, hf: compiled (on CUDA with CUDA graphs); gpu mode: both
 train_batch = 16                    # train: rows per training step
 train_steps = 5                     # train: timed steps (the median is reported), after a warm-up
@@ -158,39 +161,72 @@ def bench_train(cfg, recipe, opt):
 
 
 @torch.no_grad()
-def forward_ms(cfg, opt, compiled, dtype):
-    """Milliseconds of one single-token forward and of one `forward_block`-token block forward
-    (bidirectional inside the block), each against a KV cache holding `cache_len` tokens, batch
-    1: on a GPU both read all the weights, so their ratio is what a dLM pays per forward. Compiled:
-    the fixed-shape step that decoding runs (CUDA graphs on a GPU)."""
-    cfg = ModelConfig(**dict(vars(cfg), context_len=opt.cache_len + opt.forward_block))
+def forward_ms(cfg, opt, compiled, dtype, rows=(1, 32)):
+    """Milliseconds of one forward of M tokens for each M in `rows` (M=1: a token, causal; more: a
+    block, bidirectional inside), against a KV cache holding `cache_len` tokens, batch 1: where
+    both read all the weights, their ratio is what a dLM pays per forward. Compiled: the
+    fixed-shape step that Decoding(compile=True) runs (CUDA graphs on a GPU; on a CPU the kernels
+    decode.step_model picks: the dtype in the result)."""
+    cfg = ModelConfig(**dict(vars(cfg), context_len=opt.cache_len + max(rows)))
     model = Transformer(cfg).to(opt.device, dtype).eval()
+    model, frozen = step_model(model, Decoding(compile=compiled))
     model.setup_cache(1)
-    n, T_block, ctx = opt.cache_len, opt.forward_block, cfg.context_len
+    n, ctx = opt.cache_len, cfg.context_len
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=opt.device)
     keys = torch.arange(ctx, device=opt.device)
     span_logits(model, ids[:, :n], keys[:n], stream_rule("causal", 1), 1)  # the cache holds n tokens
-    run = compiled_span_logits() if compiled else span_logits
+    run = compiled_span_logits(frozen) if compiled else span_logits
     ms = {}
-    for name, T, rule in (("token", 1, stream_rule("causal", 1)), ("block", T_block, stream_rule("block", T_block))):
-        x, pos = ids[:, n:n + T], keys[n:n + T]
-        seconds, _ = median_seconds(lambda: run(model, x, pos, rule, T), 20, opt.device,
+    for M in rows:
+        x, pos, rule = ids[:, n:n + M], keys[n:n + M], stream_rule("causal", 1) if M == 1 else stream_rule("block", M)
+        seconds, _ = median_seconds(lambda: run(model, x, pos, rule, M), 20, opt.device,
                                     warmup=5 if compiled else 2)  # warm-up: compilation, CUDA graph capture
-        ms[name] = 1000 * seconds
+        ms[M] = 1000 * seconds
+    dtype = model.embed_tokens.weight.dtype
     model.clear_cache()
-    return ms
+    return ms, dtype, frozen
 
 
-def bench_forward(cfg, opt):
-    cuda = opt.device.startswith("cuda")
-    cfg = ModelConfig(**dict(vars(cfg), **(QWEN3_0_6B if opt.shape == "qwen3-0.6b" else {})))
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    ms = forward_ms(cfg, opt, opt.compile, dtype)
-    n_params = Transformer(cfg).num_params() if cfg.vocab_size < 10 ** 6 else 0
-    print(f"{n_params / 1e6:.0f}M parameters ({dtype}), cache {opt.cache_len} tokens, batch 1, compile={opt.compile}: one "
-          f"token {ms['token']:.3f} ms, a block of {opt.forward_block} {ms['block']:.3f} ms, ratio {ms['block'] / ms['token']:.2f}")
-    return dict(forward=dict(token_ms=round(ms["token"], 4), block_ms=round(ms["block"], 4), block_size=opt.forward_block,
-                             cache_len=opt.cache_len, ratio=round(ms["block"] / ms["token"], 3), compile=opt.compile))
+def peaks(device, dtype):
+    """This machine's measured matmul rate (FLOP/s, 2048x2048 in `dtype`) and memory copy rate
+    (bytes/s read + written, 128 MiB)."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    s, _ = median_seconds(lambda: a @ a, 5, device)
+    x = torch.empty(2 ** 27, dtype=torch.uint8, device=device)
+    c, _ = median_seconds(lambda: x.clone(), 5, device)
+    return 2 * 2048 ** 3 / s, 2 * x.numel() / c
+
+
+def bench_forward(shapes, opt):
+    """Per M in opt.rows, for each (name, config): the ms of the model's MLP up-projection (one
+    linear) and of a whole forward, on the path decoding takes (--compile=True: the compiled
+    steps; else eager float32), beside the roofline floor over one token: a forward reads every
+    weight once (bytes / the memory rate) and multiplies 2 x M x weights (FLOPs / the matmul rate),
+    so its time is at least the larger of the two, and the floor of the ratio to M=1 is
+    max(1, FLOPs(M) x rate / (bytes x peak))."""
+    print(describe_device(opt.device))
+    result = []
+    for name, cfg in shapes:
+        ms, dtype, frozen = forward_ms(cfg, opt, opt.compile, torch.float32, opt.rows)
+        linear = torch.nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False, device=opt.device, dtype=dtype)
+        linear = torch.compile(linear, options={"freezing": True} if frozen else None) if opt.compile else linear
+        flops, rate = peaks(opt.device, dtype)
+        n_weights = Transformer(ModelConfig(**dict(vars(cfg), context_len=1))).num_params()
+        weight_bytes = n_weights * torch.finfo(dtype).bits // 8
+        print(f"\n{name}: {n_weights / 1e6:.1f}M weights in {str(dtype)[6:]}{' (frozen)' if frozen else ''}, cache "
+              f"{opt.cache_len} tokens, batch 1, {'compiled' if opt.compile else 'eager'}; matmul {flops / 1e9:.0f} GFLOP/s, "
+              f"copy {rate / 1e9:.1f} GB/s")
+        print(f"{'M':>4}{'linear ms':>11}{'forward ms':>12}{'over M=1':>10}{'floor':>7}")
+        for M in opt.rows:
+            with torch.no_grad():
+                x = torch.randn(M, cfg.n_embd, device=opt.device, dtype=dtype)
+                lin, _ = median_seconds(lambda: linear(x), 50, opt.device, warmup=5)
+            floor = max(1.0, 2 * M * n_weights * rate / (weight_bytes * flops))
+            row = dict(shape=name, M=M, linear_ms=round(1000 * lin, 4), forward_ms=round(ms[M], 3),
+                       over_token=round(ms[M] / ms[opt.rows[0]], 3), roofline_floor=round(floor, 3))
+            result.append(row)
+            print(f"{M:4d}{row['linear_ms']:11.3f}{row['forward_ms']:12.2f}{row['over_token']:10.2f}{floor:7.2f}")
+    return dict(forward=result, cpu=describe_device(opt.device), dtype=str(dtype)[6:], compile=opt.compile)
 
 
 TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=24, intermediate_size=128,
@@ -250,11 +286,12 @@ def bench_gpu(opt):
     def forward():
         rows = {}
         for compiled in (False, True) if opt.compile else (False,):
-            ms = forward_ms(cfg, opt, compiled, dtype)
-            rows["compiled" if compiled else "eager"] = dict(token_ms=round(ms["token"], 4), block_ms=round(ms["block"], 4),
-                                                              ratio=round(ms["block"] / ms["token"], 3))
-            print(f"one token {ms['token']:.3f} ms, a block of {opt.forward_block} {ms['block']:.3f} ms against a "
-                  f"{opt.cache_len}-token cache, batch 1, {'compiled' if compiled else 'eager'}: ratio {ms['block'] / ms['token']:.2f}")
+            ms, _, _ = forward_ms(cfg, opt, compiled, dtype, (1, opt.forward_block))
+            token, block = ms[1], ms[opt.forward_block]
+            rows["compiled" if compiled else "eager"] = dict(token_ms=round(token, 4), block_ms=round(block, 4),
+                                                              ratio=round(block / token, 3))
+            print(f"one token {token:.3f} ms, a block of {opt.forward_block} {block:.3f} ms against a "
+                  f"{opt.cache_len}-token cache, batch 1, {'compiled' if compiled else 'eager'}: ratio {block / token:.2f}")
         return rows
 
     def decode():
@@ -405,8 +442,9 @@ def main(opt):
         result = bench_by_distance(run, opt) if opt.out_dir else sys.exit("error: --mode=by_distance needs --out_dir")
     elif opt.mode == "train":
         result = bench_train(cfg, recipe, opt)
-    elif opt.mode == "forward":
-        result = bench_forward(cfg, opt)
+    elif opt.mode == "forward":  # the run's shape (or --shape's), and the Qwen3-0.6B shape
+        shapes = [(opt.out_dir or opt.shape, cfg)] + [("qwen3-0.6b", ModelConfig(**QWEN3_0_6B))] * opt.with_qwen
+        result = bench_forward(shapes, opt)
     else:
         result = dict(hf=bench_hf(cfg, opt))
     print(json.dumps(result))

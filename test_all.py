@@ -225,6 +225,31 @@ def test_compiled_decoding_gives_the_eager_tokens_and_does_not_recompile():
             assert generate(others, recipe, dataclasses.replace(decoding, compile=True)) == generate(others, recipe, decoding)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_compiled_decoding_of_a_large_model_gives_the_eager_tokens_of_its_dtype(monkeypatch, bf16):
+    """A model with large weights decodes compiled on a CPU in bfloat16 where the CPU has bf16
+    instructions, else in float32, with its weights frozen into the graphs: the tokens are those
+    of eager decoding of the model in that dtype, and still are after its weights change."""
+    import copy
+    import decode
+    monkeypatch.setattr(decode, "LARGE_WEIGHTS", 0)  # this tiny model counts as large
+    monkeypatch.setattr(decode, "cpu_has_bf16", lambda: bf16)  # either CPU: emulated where it has no bf16
+    torch._dynamo.reset()
+    model = tiny_model(context_len=32, n_layer=1).float()
+    prompts, recipe = prompts_of([3, 13, 40]), Recipe(block_size=8, mask_id=23, token_shift=True)
+    for step in range(2):
+        fast = Decoding(0.9, end_ids=(5,), compile=True)
+        ran, frozen = decode.step_model(model, fast)
+        assert frozen and ran.embed_tokens.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert (ran is model) == (not bf16)
+        eager = model if not bf16 else copy.deepcopy(model).to(torch.bfloat16)
+        assert generate_block(model, prompts, 40, recipe, fast)[0] == generate_block(eager, prompts, 40, recipe, Decoding(0.9, end_ids=(5,)))[0]
+        assert generate_ar(model, prompts, 40, fast)[0] == generate_ar(eager, prompts, 40, Decoding(end_ids=(5,)))[0]
+        with torch.no_grad():  # new weights: the decoding must follow them
+            for p in model.parameters():
+                p.mul_(1.5)
+
+
 def test_batch_rows_are_independent():
     model = tiny_model(context_len=48)
     prompts = prompts_of([2, 9, 17, 30, 53])  # the last is longer than the context
@@ -529,6 +554,7 @@ def test_bench_script_on_text(workdir):
     rows = {(r["mode"], r["compiled"]): r for r in last_json(out)["decode"]}
     assert set(rows) == {("ar", False), ("dlm", False), ("ar", True), ("dlm", True)}
     assert rows["ar", True]["same_tokens"] and rows["dlm", True]["same_tokens"] and rows["ar", True]["speedup_vs_ar"] == 1.0
+    assert rows["dlm", True]["dtype"] == "float32"  # a small model: its own dtype, the caches hold it
     r = rows["dlm", True]
     assert r["speedup_over_tpf"] == round(r["speedup_vs_ar"] / r["tokens_per_forward"], 3) or abs(
         r["speedup_over_tpf"] - r["tokens_per_s"] / rows["ar", True]["tokens_per_s"] / r["tokens_per_forward"]) < 1e-2
@@ -538,9 +564,13 @@ def test_bench_script_on_text(workdir):
     assert code == 0, err
     assert [(r["mode"], r["attention"]) for r in last_json(out)["train"]] == [("ar", "dense"), ("dlm", "dense")]
     code, out, err = run("microbench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=forward", "--cache_len=16",
-                         "--forward_block=8", cwd=workdir)
+                         "--rows=(1,9)", cwd=workdir)
     assert code == 0, err
-    assert last_json(out)["forward"]["block_ms"] > 0
+    rows = last_json(out)["forward"]
+    assert [r["M"] for r in rows] == [1, 9] and rows[0]["over_token"] == 1.0 and all(r["forward_ms"] > 0 for r in rows)
+    assert rows[1]["over_token"] == round(rows[1]["forward_ms"] / rows[0]["forward_ms"], 3) or abs(
+        rows[1]["over_token"] - rows[1]["forward_ms"] / rows[0]["forward_ms"]) < 1e-2
+    assert all(r["roofline_floor"] >= 1.0 and r["linear_ms"] > 0 for r in rows)
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(workdir, tmp_path):
