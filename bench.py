@@ -272,7 +272,7 @@ def bench_decode(ar, dlm, opt):
                                  dtype=str(ran.embed_tokens.weight.dtype)[6:])
                     if ran is not model and tasks_mode:  # the accuracy in that dtype, beside float32's
                         r = evaluate(make(ran, rcp, dec), problems, tokenizer, opt.eval_batch)
-                        q = dict(q, accuracy=round(r["average"], 2), accuracy_float32=q["accuracy"])
+                        extra["accuracy_float32"], q = q["accuracy"], dict(q, accuracy=round(r["average"], 2))
                 tps, forwards, tpf = decode_speed(decode, prompts, max_new, bs, opt, count_end=tasks_mode)
                 ar_tps = ar_tps or tps
                 tpf = q["tokens_per_forward"] if tasks_mode else round(tpf, 3)  # tasks: over the answers
@@ -280,8 +280,7 @@ def bench_decode(ar, dlm, opt):
                            compiled=compiled, batch_size=bs, tokens_per_forward=tpf, forward_passes=forwards,
                            tokens_per_s=round(tps, 1), speedup_vs_ar=round(tps / ar_tps, 2),
                            speedup_over_tpf=round(tps / ar_tps / tpf, 3), gen_ppl=q.get("gen_ppl"),
-                           entropy=q.get("entropy"), accuracy=q.get("accuracy"), **extra,
-                           **({"accuracy_float32": q["accuracy_float32"]} if "accuracy_float32" in q else {}))
+                           entropy=q.get("entropy"), accuracy=q.get("accuracy"), **extra)
                 if tasks_mode:
                     row.update(per_task=q["per_task"], per_task_tokens_per_forward=q["per_task_tokens_per_forward"])
                 rows.append(row)

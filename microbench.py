@@ -54,6 +54,16 @@ QWEN3_0_6B = dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=
                   intermediate_size=3072, rope_theta=1e6, qk_norm=True, tie_embeddings=True)
 
 
+def peaks(device, dtype):
+    """This machine's measured matmul rate (FLOP/s, 2048x2048 in `dtype`) and memory copy rate
+    (bytes/s read + written, 128 MiB)."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    s, _ = median_seconds(lambda: a @ a, 5, device)
+    x = torch.empty(2 ** 27, dtype=torch.uint8, device=device)  # 128 MiB: far beyond the caches
+    c, _ = median_seconds(lambda: x.clone(), 5, device)
+    return 2 * 2048 ** 3 / s, 2 * x.numel() / c
+
+
 def bench_linear(opt):
     """The machine's measured peaks, against which bench.py's block forwards are judged: a square
     matmul (FLOP/s), a large copy (bytes/s), and F.linear of M rows by a 3072x1024 weight (the
@@ -61,12 +71,9 @@ def bench_linear(opt):
     costs what one token costs only where the time stays flat in M."""
     dev, rows = opt.device, {}
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(2048, 2048, device=dev, dtype=dtype)
-        s, _ = median_seconds(lambda: a @ a, 5, dev)
-        rows[f"matmul_2048_{str(dtype)[6:]}_gflops"] = round(2 * 2048 ** 3 / s / 1e9, 1)
-    x = torch.empty(2 ** 27, dtype=torch.uint8, device=dev)  # 128 MiB: far beyond the caches
-    s, _ = median_seconds(lambda: x.clone(), 5, dev)
-    rows["copy_gb_per_s"] = round(2 * x.numel() / s / 1e9, 1)  # read + write
+        flops, rate = peaks(dev, dtype)
+        rows[f"matmul_2048_{str(dtype)[6:]}_gflops"] = round(flops / 1e9, 1)
+    rows["copy_gb_per_s"] = round(rate / 1e9, 1)  # read + write
     w32 = torch.randn(3072, 1024, device=dev)
     for M in (1, 2, 4, 8, 9, 16):
         for dtype in (torch.float32, torch.bfloat16):
@@ -187,16 +194,6 @@ def forward_ms(cfg, opt, compiled, dtype, rows=(1, 32)):
     return ms, dtype, frozen
 
 
-def peaks(device, dtype):
-    """This machine's measured matmul rate (FLOP/s, 2048x2048 in `dtype`) and memory copy rate
-    (bytes/s read + written, 128 MiB)."""
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    s, _ = median_seconds(lambda: a @ a, 5, device)
-    x = torch.empty(2 ** 27, dtype=torch.uint8, device=device)
-    c, _ = median_seconds(lambda: x.clone(), 5, device)
-    return 2 * 2048 ** 3 / s, 2 * x.numel() / c
-
-
 def bench_forward(shapes, opt):
     """Per M in opt.rows, for each (name, config): the ms of the model's MLP up-projection (one
     linear) and of a whole forward, on the path decoding takes (--compile=True: the compiled
@@ -205,9 +202,10 @@ def bench_forward(shapes, opt):
     so its time is at least the larger of the two, and the floor of the ratio to M=1 is
     max(1, FLOPs(M) x rate / (bytes x peak))."""
     print(describe_device(opt.device))
-    result = []
+    cuda, result = opt.device.startswith("cuda"), []
     for name, cfg in shapes:
-        ms, dtype, frozen = forward_ms(cfg, opt, opt.compile, torch.float32, opt.rows)
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32  # a CPU: step_model's choice
+        ms, dtype, frozen = forward_ms(cfg, opt, opt.compile, dtype, opt.rows)
         linear = torch.nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False, device=opt.device, dtype=dtype)
         linear = torch.compile(linear, options={"freezing": True} if frozen else None) if opt.compile else linear
         flops, rate = peaks(opt.device, dtype)
