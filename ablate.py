@@ -1,60 +1,78 @@
 """
-The paper's ablations in miniature, on the task demo: every config in
-config/ablate/ is one conversion of the same AR run (out-tasks-ar), with the same iterations,
-learning-rate schedule and seeds, that differs from config/ablate/reference.py in one thing.
+The paper's ablations in miniature, on the task demo: every config in config/ablate/ is one
+conversion of the shipped AR model (pretrained/tasks-ar) on the lesson's three tasks, with the
+same iterations, learning-rate schedule and seeds, that differs from config/ablate/reference.py
+in one thing.
 
-    python ablate.py                              # train what is missing, score every run, print the table
+    python ablate.py                              # train and score what is missing, print the tables
     python ablate.py --only=mask_,reference      # the variants whose names start with these
-    python ablate.py --seeds=1337,1338,1339
+    python ablate.py --plot=docs/loss_by_position.png   # and draw the loss by position
 
-Each (variant, seed) trains into out-ablate/<variant>-s<seed>; a run whose checkpoint is there
-at its last iteration is not trained again, and its scores are saved beside it (scores.json, with
-the checkpoint, AR run, test prompts, thresholds and device they belong to) and not computed
-again while those stay the same, so an interrupted sweep continues where it stopped. (Delete the
-scores.json files to score again after changing the decoding code.)
-Scores: the any-order val bound (nats per token, model.py's diffusion_bound) and, on the held-out test
-prompts, the average exact-match accuracy and tokens per forward over the answers at each
-threshold, decoded at the run's own block size (block-size runs also at block 16). Bidirectional
-runs have no exact KV cache: they recompute the whole sequence at every forward, and the
-`decode s` column (all test prompts at threshold 0.9) shows what that costs. Each comparison is
-judged on the accuracy at threshold 0.9: "within noise" when the gap is no larger than the
-spread between seeds, else "reproduced" or "not reproduced" by the paper's direction.
-A sweep over every config writes what it prints to docs/ablations.md (--report); the last line
-printed is one JSON object with every run's scores.
+Each (variant, seed) trains into out-ablate/<variant>-s<seed> (a checkpoint there at its last
+iteration is not trained again) and is scored right after. Its scores go to
+docs/ablations/<variant>-s<seed>.json (--scores_dir) with what they were computed for (the
+settings its config file makes, the train.py flags, the AR checkpoint's hash, the test prompts per task, the thresholds,
+the device), the seconds it took and the machine. A run whose saved scores match is neither
+trained nor scored again, so a sweep that is interrupted, or spread over days, goes on where it
+stopped; delete a file to score that run again (after changing the decoding code, say).
+Scores: the any-order val bound (nats per token, model.py's diffusion_bound); on the held-out test
+prompts the average exact-match accuracy and tokens per forward over the answers at each
+threshold, decoded at the run's own block size (block-size runs also at block 16); the loss at
+each position of the val windows at a block's first decoding step (block attention only), and the
+AR source's accuracy and next-token loss by position on the same prompts and windows.
+Bidirectional runs have no exact KV cache: they recompute the whole sequence at every forward, and
+the `decode s` column (all test prompts at threshold 0.9) shows what that costs.
+Each comparison is judged as the paper judges: on the accuracy at the tokens per forward its
+reference decodes at threshold 0.9, read off the variant's accuracy-against-TPF line across its
+thresholds: "within noise" when the gap is no larger than the spread between seeds, else
+"reproduced" or "not reproduced" by the paper's direction.
+A sweep over every config writes its tables into docs/ablations.md (--report), between the two
+marker lines there, leaving the rest of the file as it is; the last line printed is one JSON
+object with every run's scores.
 """
 
 import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import bench
 from checkpoint import CheckpointError, load_checkpoint, load_run
-from configurator import configure, load_config, resolve_device
+from configurator import configure, describe_device, load_config, resolve_device
 from decode import Decoding
+from model import diffusion_logits, training_mask
 from problems import load_problems
 
 # -----------------------------------------------------------------------------
-ar_dir = "out-tasks-ar"             # the AR run every config converts (their init_from)
-seeds = "1337,1338"
+ar_dir = "pretrained/tasks-ar"      # the AR model every config converts (their init_from)
+seeds = "1337,1338"                 # every variant's seeds
+reference_seeds = "1337,1338,1339"  # the reference's (every comparison leans on its spread)
 only = ""                           # comma-separated name prefixes; '': every config in config/ablate
-thresholds = (1.0, 0.9, 0.7, 0.5)   # decoding thresholds scored (0.9, where comparisons are judged, among them)
+thresholds = (1.0, 0.9, 0.7, 0.5)   # decoding thresholds scored (0.9, where comparisons are matched, among them)
 train_args = ""                     # extra train.py flags for every run, e.g. "--max_iters=100"
 n_test = 0                          # test prompts per task; 0: all
-report = "docs/ablations.md"        # a sweep over every config writes its output here ('': nowhere)
+scores_dir = "docs/ablations"       # each run's saved scores: <variant>-s<seed>.json
+report = "docs/ablations.md"        # a sweep over every config writes its tables here ('': nowhere)
+plot = ""                           # a .png file: the loss by position of the AR source and the reference (needs matplotlib)
 device = "cpu"                      # 'cpu', 'cuda', 'auto', ...
-jobs = 1                            # training runs at once (each is its own train.py process)
+jobs = 1                            # runs at once (each trains in its own train.py process)
 # -----------------------------------------------------------------------------
 
-JUDGE = 0.9  # the threshold at which comparisons are judged
+JUDGE = 0.9  # the reference's threshold whose tokens per forward the comparisons are matched at
+SCORING = threading.Lock()
+BEGIN, END = "<!-- ablate.py writes from here -->", "<!-- ablate.py writes up to here -->"
 # (variant, its reference, the paper's direction for the variant: +1 better, -1 worse, 0 not
 # measured there, and the paper's figures)
 COMPARISONS = [
@@ -89,13 +107,18 @@ def finished(out, args):
         want[k] == c["config"][k] for k in want if k not in ("out_dir", "device"))
 
 
-def train(variant, seed, device):
-    """Trains one (variant, seed) unless it is done already; returns its out_dir."""
+def run_args(variant, seed, device):
+    """The run's folder and its train.py arguments (the config file first)."""
     out = os.path.join("out-ablate", f"{variant}-s{seed}")
-    args = [os.path.join("config", "ablate", f"{variant}.py"), f"--init_from={ar_dir}", f"--out_dir={out}",
-            f"--seed={seed}", f"--device={device}", *train_args.split()]
-    if finished(out, args):
-        return out
+    return out, [os.path.join("config", "ablate", f"{variant}.py"), f"--init_from={ar_dir}", f"--out_dir={out}",
+                 f"--seed={seed}", f"--device={device}", *train_args.split()]
+
+
+def train(out, args, again=False):
+    """Trains one run unless its checkpoint is finished already (or `again`); the seconds it took,
+    None if it was there."""
+    if not again and finished(out, args):
+        return None
     print(f"training {out} ...", flush=True)
     t0 = time.time()
     # a run that is not finished is trained again from its source: its own folder may be replaced
@@ -103,43 +126,64 @@ def train(variant, seed, device):
     if r.returncode != 0:
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
         sys.exit(f"error: training {out} failed: {last}")
-    print(f"  {out} done in {time.time() - t0:.0f} s", flush=True)
-    return out
+    seconds = time.time() - t0
+    print(f"  {out} trained in {seconds:.0f} s", flush=True)
+    return seconds
 
 
-def score_key(out, problems, device):
-    """What a run's scores depend on: its checkpoint and the AR run's (size and time of writing),
-    the test prompts, the thresholds and the device."""
-    files = [os.stat(os.path.join(d, "ckpt.pt")) for d in (out, ar_dir)]
-    prompts = hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()
-    return dict(checkpoints=[[f.st_size, f.st_mtime_ns] for f in files], problems=prompts,
-                thresholds=list(thresholds), device=str(device))
+def run_key(args, ar_hash):
+    """What a run's scores depend on: the settings its config file makes (not its comments), its
+    train.py flags, the AR checkpoint, the test prompts per task and the thresholds."""
+    scope = {}
+    exec(open(args[0], encoding="utf-8").read(), scope)
+    settings = {k: v for k, v in scope.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    return dict(settings=hashlib.sha256(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest(),
+                args=args[1:], ar=ar_hash, n_test=n_test, thresholds=list(thresholds))
 
 
-def score(out, ar_model, problems, device):
-    """The run's scores: read back from out/scores.json if they were computed for the same
-    score_key, else computed and saved there."""
-    path, key = os.path.join(out, "scores.json"), score_key(out, problems, device)
+def sweep_run(variant, seed, ar, device, ar_hash):
+    """The record of one (variant, seed): read back from scores_dir if it was made for the same
+    run_key, else trained (unless its checkpoint is done), scored and saved there."""
+    out, args = run_args(variant, seed, device)
+    path, key = os.path.join(scores_dir, f"{variant}-s{seed}.json"), run_key(args, ar_hash)
+    saved, old = {}, {}
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         if saved["key"] == key:
-            return saved["scores"]
+            return saved
+        old = dict(saved["key"])
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: score again
         pass
-    result = compute_scores(out, ar_model, problems, device)
-    write_atomically(path, json.dumps(dict(key=key, scores=result)))
-    return result
+    # scored for another AR model: its checkpoint is stale too (the folder only knows the AR model's path)
+    train_s = train(out, args, again=old.get("ar", ar_hash) != ar_hash)
+    training = lambda k: [k.get(n) for n in ("settings", "args", "ar")]  # what the training depends on
+    if train_s is None and training(old) == training(key):
+        train_s = saved.get("train_s")  # the same training, scored again
+    with SCORING:  # one run at a time: the runs share the AR model and its KV cache
+        t0 = time.time()
+        record = dict(run=out, key=key, scores=compute_scores(out, ar, device), machine=describe_device(device),
+                      train_s=train_s and round(train_s, 1), score_s=round(time.time() - t0, 1))
+    os.makedirs(scores_dir, exist_ok=True)
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
+    return record
 
 
 @torch.no_grad()
-def compute_scores(out, ar_model, problems, device):
-    """The val bound, and accuracy and tokens per forward at each threshold (and block 16 for
-    the block-size runs), all at once for one run."""
+def compute_scores(out, ar, device):
+    """The val bound, accuracy and tokens per forward at each threshold (and block 16 for the
+    block-size runs), the loss by position, and the AR source's accuracy on the same prompts."""
     run = load_run(out, device)
+    problems = load_problems(run.config["dataset"], run.meta, n_test)
     B = run.recipe.block_size
-    val = bench.val_row(ar_model, run, n_windows=160, seed=1337, device=device)  # bench.py's own val windows
-    result = dict(bound=val["dlm_bound"], ar_loss=val["ar_loss"])
+    val = bench.val_row(ar.model, run, n_windows=160, seed=1337, device=device)  # bench.py's own val windows
+    ar_score = bench.evaluate(bench.decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
+    result = dict(bound=val["dlm_bound"], ar_loss=val["ar_loss"], ar_acc=ar_score["average"], n_test=len(problems), block=B,
+                  budget=f"{run.config['max_iters']} iterations of batch {run.config['batch_size']} on "
+                         f"{run.config['dataset']}")
+    windows, answers = bench.val_windows(ar.model, run, 160, device)
+    result.update(loss_by_position(ar.model, run.model, run.recipe, windows[:, :-1],
+                                   None if answers is None else answers[:, :-1]))
     blocks = [B] + ([16] if os.path.basename(out).startswith("block_") and B != 16 else [])
     for block in blocks:
         recipe = dataclasses.replace(run.recipe, block_size=block)
@@ -152,6 +196,29 @@ def compute_scores(out, ar_model, problems, device):
             if th == JUDGE and not key:
                 result["decode_s"] = time.perf_counter() - t0
     return result
+
+
+@torch.no_grad()
+def loss_by_position(ar_model, model, recipe, windows, answers=None):
+    """The mean cross-entropy (nats) at each position i of the windows (n, L), over the windows
+    whose token i is an answer's (answers (n, L) bool, the tokens both models learned; None: all):
+    the AR model's next-token loss (token i from the tokens before it), and the dLM's at the first
+    decoding step of token i's block: every token of that block masked, every earlier block clean
+    (block attention only: the other patterns have no clean copy). None where nothing predicts."""
+    L, B, device = windows.size(1), recipe.block_size, windows.device
+    answers = torch.ones_like(windows, dtype=torch.bool) if answers is None else answers
+    pos = torch.arange(L, device=device)
+    ar, dlm = torch.zeros(L, device=device), torch.zeros(L, device=device)
+    for x, keep in zip(windows.split(16), answers.split(16)):
+        logits = ar_model(x, pos, training_mask("causal", B, L, device))[:, :-1]
+        ar[1:] += (F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none") * keep[:, 1:]).sum(0)
+        if recipe.pattern == "block":
+            logits = diffusion_logits(model, torch.full_like(x, recipe.mask_id), x, training_mask("block", B, L, device), recipe)
+            dlm += (F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * keep).sum(0)
+    count = answers.sum(0)
+    listed = lambda v, first: [None if i < first or not count[i] else round(float(v[i] / count[i]), 4) for i in range(L)]
+    return dict(ar_by_position=listed(ar, 1),
+                by_position=listed(dlm, int(recipe.token_shift)) if recipe.pattern == "block" else None)
 
 
 def spread(values):
@@ -169,6 +236,26 @@ def judge(variant, reference, sign):
     return gap, noise, "no paper figure" if sign == 0 else "reproduced" if gap * sign > 0 else "not reproduced"
 
 
+def matched(scores, tpf):
+    """The run's accuracy at `tpf` tokens per forward, read off the line through its (TPF, accuracy)
+    points across the thresholds; and whether tpf lies inside them (else the nearest point's)."""
+    points = sorted((scores[f"tpf{th}"], scores[f"acc{th}"]) for th in thresholds)
+    xs, ys = zip(*points)
+    return float(np.interp(tpf, xs, ys)), xs[0] <= tpf <= xs[-1]
+
+
+def duration(seconds):
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
+
+
+def parse_seeds(text, flag):
+    try:
+        return [int(s) for s in str(text).strip("()").split(",") if s.strip()]
+    except ValueError:
+        sys.exit(f"error: {flag[2:]} must be comma-separated integers, got {text!r} ({flag})")
+
+
 def main():
     order = ["reference"] + [c[0] for c in COMPARISONS]  # the reference, then the table's order, then any others
     every = sorted((f[:-3] for f in os.listdir(os.path.join("config", "ablate")) if f.endswith(".py")),
@@ -176,79 +263,162 @@ def main():
     variants = [v for v in every if v.startswith(tuple(only.split(",")))] if only else every
     if not variants:
         sys.exit(f"error: no config in config/ablate matches --only={only!r}")
-    try:
-        seed_list = [int(s) for s in str(seeds).strip("()").split(",") if s.strip()]
-    except ValueError:
-        sys.exit(f"error: seeds must be comma-separated integers, got {seeds!r} (--seeds)")
+    seed_list, ref_seeds = parse_seeds(seeds, "--seeds"), parse_seeds(reference_seeds, "--reference_seeds")
     if JUDGE not in thresholds:
-        sys.exit(f"error: thresholds must include {JUDGE}, the one the comparisons are judged at; got {thresholds}")
+        sys.exit(f"error: thresholds must include {JUDGE}, the one the comparisons are matched at; got {thresholds}")
+    if jobs < 1:
+        sys.exit(f"error: jobs must be at least 1, got {jobs} (--jobs)")
+    if plot:
+        bench.need_matplotlib()
+        if "reference" not in variants:
+            sys.exit(f"error: --plot draws the reference's loss by position; --only={only!r} leaves it out")
     dev = resolve_device(device)
     try:
         ar = load_run(ar_dir, dev, flag="--ar_dir (the AR run that config/tasks_ar.py trains)")
-        problems = load_problems(ar.config["dataset"], ar.meta, n_test)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    with open(os.path.join(ar_dir, "ckpt.pt"), "rb") as f:
+        ar_hash = hashlib.sha256(f.read()).hexdigest()
+    plan = [(v, s) for v in variants for s in (ref_seeds if v == "reference" else seed_list)]
+    pool = concurrent.futures.ThreadPoolExecutor(jobs)  # a thread per run waits on its process
+    futures = {pool.submit(sweep_run, v, s, ar, dev, ar_hash): v for v, s in plan}
+    try:
+        for f in tqdm(concurrent.futures.as_completed(futures), total=len(plan), desc="runs", unit="run"):
+            f.result()  # a failed run (or Ctrl-C) stops the sweep: the runs not started are cancelled
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    if jobs < 1:
-        sys.exit(f"error: jobs must be at least 1, got {jobs} (--jobs)")
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # a thread per run waits on its process
-        pending = {v: [pool.submit(train, v, s, dev) for s in seed_list] for v in variants}
-        with tqdm(total=sum(map(len, pending.values())), desc="training", unit="run") as bar:
-            for _ in concurrent.futures.as_completed([f for fs in pending.values() for f in fs]):
-                bar.update()
-        runs = {v: [f.result() for f in fs] for v, fs in pending.items()}
+    finally:
+        pool.shutdown(cancel_futures=True)
+    records = {v: [f.result() for f, w in futures.items() if w == v] for v in variants}
 
-    print(f"\nscoring {sum(map(len, runs.values()))} runs on {len(problems)} test prompts ...", flush=True)
-    scores, bar = {}, tqdm(total=sum(map(len, runs.values())), desc="scoring", unit="run")  # on stderr, not stdout
-    for v, outs in runs.items():
-        scores[v] = []
-        for out in outs:
-            scores[v].append(score(out, ar.model, problems, dev))
-            bar.update()
-    bar.close()
-    ar_score = bench.evaluate(bench.decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
+    lines, verdicts = tables(records, variants, seed_list, ref_seeds)
+    print("\n" + "\n".join(lines))
+    if report and variants == every:
+        write_report(report, lines)
+        print(f"\nwritten to {report}")
+    if plot and "reference" in records:
+        draw_loss_by_position(records["reference"], plot)
+    print(json.dumps(dict(seeds=seed_list, reference_seeds=ref_seeds, runs={v: [dict(run=r["run"], **{
+        k: round(x, 4) for k, x in r["scores"].items() if isinstance(x, float)}) for r in records[v]] for v in variants},
+        comparisons=verdicts)))
 
-    lines = []
+
+def tables(records, variants, seed_list, ref_seeds):
+    """The sweep's tables as lines of text (the budget and machine, every variant's scores, the
+    comparisons at matched tokens per forward, the loss by position), and the verdicts."""
+    scores = {v: [r["scores"] for r in rs] for v, rs in records.items()}
     mean = lambda v, k: statistics.mean(s[k] for s in scores[v])
-    pm = lambda v, k: f"{mean(v, k):5.1f} \u00b1{spread([s[k] for s in scores[v]]) / 2:3.1f}"
-    lines.append(f"{len(seed_list)} seeds per variant ({', '.join(map(str, seed_list))}): mean \u00b1 half the spread; "
-                 f"accuracy (%) over {len(problems)} test prompts, tokens per forward over the answers")
+    pm = lambda values: f"{statistics.mean(values):5.1f} \u00b1{spread(values) / 2:3.1f}"
+    first = records[variants[0]][0]["scores"]
+    train_s = [r["train_s"] for rs in records.values() for r in rs if r["train_s"] is not None]
+    score_s = sum(r["score_s"] for rs in records.values() for r in rs)
+    runs = sum(map(len, records.values()))
+    lines = [f"budget: {first['budget']} per run (config/ablate/reference.py"
+             + (f", --train_args={train_args!r}" if train_args else "") + f"); {len(seed_list)} seeds per variant "
+             f"({', '.join(map(str, seed_list))}), {len(ref_seeds)} for the reference ({', '.join(map(str, ref_seeds))})",
+             f"sweep: {runs} runs; training {duration(sum(train_s))} ({len(train_s)} runs timed) and scoring "
+             f"{duration(score_s)}, summed over the runs, on {'; '.join(sorted({r['machine'] for rs in records.values() for r in rs}))}",
+             f"mean \u00b1 half the spread over seeds; accuracy (%) over {first['n_test']} test prompts, tokens per forward "
+             f"(TPF) over the answers; last column: the accuracy at the reference's TPF at threshold {JUDGE}",
+             "val bound: the any-order bound in nats per val token (the AR row: its next-token loss), over every token, "
+             "prompts included, which runs trained on answers only never learned: compare it between variants", ""]
+    target = mean("reference", f"tpf{JUDGE}") if "reference" in scores else None
     lines.append(f"{'variant':25}{'val bound':>10}" + "".join(f"{f'acc t={th}':>12}{'TPF':>6}" for th in thresholds)
-                 + f"{'decode s':>10}")
-    lines.append(f"{'AR source':25}{scores[variants[0]][0]['ar_loss']:10.3f}{ar_score['average']:8.1f}{'':4}"
-                 f"{ar_score['tokens_per_forward']:6.2f}")
+                 + f"{'decode s':>10}" + (f"{f'acc TPF {target:.2f}':>15}" if target else ""))
+    if "reference" in scores:
+        lines.append(f"{'AR source':25}{mean('reference', 'ar_loss'):10.3f}{mean('reference', 'ar_acc'):8.1f}{'':4}{1.0:6.2f}")
     for v in variants:
-        lines.append(f"{v:25}{mean(v, 'bound'):10.3f}" + "".join(f"{pm(v, f'acc{th}'):>12}{mean(v, f'tpf{th}'):6.2f}"
-                                                                 for th in thresholds) + f"{mean(v, 'decode_s'):10.1f}")
+        at = [matched(s, target) for s in scores[v]] if target else []
+        lines.append(f"{v:25}{mean(v, 'bound'):10.3f}" + "".join(
+            f"{pm([s[f'acc{th}'] for s in scores[v]]):>12}{mean(v, f'tpf{th}'):6.2f}" for th in thresholds)
+            + f"{mean(v, 'decode_s'):10.1f}" + (f"{pm([a for a, _ in at]):>14}" + " *"[not all(i for _, i in at)] if at else ""))
         if f"acc{thresholds[0]}b16" in scores[v][0]:
             lines.append(f"{'  decoded at block 16':25}{'':10}" + "".join(
-                f"{pm(v, f'acc{th}b16'):>12}{mean(v, f'tpf{th}b16'):6.2f}" for th in thresholds))
-    lines.append("")
-    lines.append(f"comparisons, on the accuracy at threshold {JUDGE} (gap: variant - reference; noise: the larger seed spread)")
-    lines.append(f"{'variant vs reference':45}{'gap':>7}{'noise':>7}  {'verdict':16}the paper's figures")
+                f"{pm([s[f'acc{th}b16'] for s in scores[v]]):>12}{mean(v, f'tpf{th}b16'):6.2f}" for th in thresholds))
+    if target:
+        lines.append("* outside the TPF the run's thresholds reach: the accuracy at the nearest one")
+    lines += ["", f"comparisons at matched tokens per forward: each variant's accuracy at the TPF its reference decodes at "
+              f"threshold {JUDGE}\n(gap: variant - reference; noise: the larger seed spread; the gap at threshold {JUDGE} "
+              f"itself beside it)",
+              f"{'variant vs reference':45}{'TPF':>6}{'gap':>7}{'noise':>7}  {'verdict':16}{f'gap t={JUDGE}':>10}  the paper's figures"]
     verdicts = []
     for v, ref, sign, paper in COMPARISONS:
         if v in scores and ref in scores:
-            gap, noise, word = judge([s[f"acc{JUDGE}"] for s in scores[v]], [s[f"acc{JUDGE}"] for s in scores[ref]], sign)
-            verdicts.append(dict(variant=v, reference=ref, gap=round(gap, 2), noise=round(noise, 2), verdict=word))
-            lines.append(f"{v + ' vs ' + ref:45}{gap:+7.1f}{noise:7.1f}  {word:16}{paper}")
-    print("\n" + "\n".join(lines))
-    if report and variants == every:
-        write_report(report, lines, train_args)
-        print(f"\nwritten to {report}")
-    print(json.dumps(dict(seeds=seed_list, ar=dict(accuracy=ar_score["average"]),
-                          runs={v: [dict(run=o, **{k: round(x, 4) for k, x in s.items()}) for o, s in zip(runs[v], scores[v])]
-                                for v in variants}, comparisons=verdicts)))
+            tpf = mean(ref, f"tpf{JUDGE}")
+            at_v, at_ref = ([matched(s, tpf) for s in scores[w]] for w in (v, ref))
+            gap, noise, word = judge([a for a, _ in at_v], [a for a, _ in at_ref], sign)
+            raw = mean(v, f"acc{JUDGE}") - mean(ref, f"acc{JUDGE}")
+            star = " *"[not all(i for _, i in at_v + at_ref)]
+            verdicts.append(dict(variant=v, reference=ref, tpf=round(tpf, 3), gap=round(gap, 2), noise=round(noise, 2),
+                                 verdict=word, matched=star == " "))
+            lines.append(f"{v + ' vs ' + ref:45}{tpf:6.2f}{gap:+7.1f}{star}{noise:6.1f}  {word:16}{raw:+10.1f}  {paper}")
+    if "reference" in scores and scores["reference"][0]["by_position"]:
+        lines += [""] + position_table(records["reference"])
+    return lines, verdicts
 
 
-def write_report(path, lines, extra_args):
-    """The sweep's tables as a markdown file: written by this script only, never by hand."""
-    command = "python ablate.py" + (f" --train_args={extra_args!r}" if extra_args else "")
-    text = (f"# The paper's ablations in miniature: the output of `{command}`\n\n"
-            f"This file is written by ablate.py at the end of a sweep over every config in config/ablate; edit the "
-            f"script, not this file.\nEach variant differs from `config/ablate/reference.py` in the one setting its "
-            f"file changes (README, \"The paper in miniature\").\n\n```\n" + "\n".join(lines) + "\n```\n")
+def by_position(records, key):
+    """The mean over the records' seeds of a loss-by-position list (nan where nothing predicts)."""
+    columns = zip(*(r["scores"][key] for r in records))
+    return np.array([math.nan if None in c else statistics.mean(c) for c in columns])
+
+
+def position_table(records, skip=3):
+    """The loss by position in the block, averaged over the window's blocks, and over its blocks
+    from `skip` on (a window starts inside a problem, so its first tokens may lack their prompt):
+    the AR source's and the reference's at a block's first decoding step."""
+    B = records[0]["scores"]["block"]
+    ar, dlm = by_position(records, "ar_by_position"), by_position(records, "by_position")
+    lines = [f"loss by position (nats, on answer tokens; {len(ar)}-token val windows, the mean over the seeds): the AR "
+             f"source's next-token loss; the reference's with the token's block all masked and every block before it "
+             f"clean (its first decoding step)",
+             f"{'position in block':25}" + "".join(f"{i:>7}" for i in range(B)) + f"{'all':>7}"]
+    for first, which in ((0, f"all {len(ar) // B} blocks"), (skip, f"blocks {skip}-{len(ar) // B - 1}")):
+        for name, v in (("AR source", ar), ("reference", dlm)):
+            v = v[first * B:]
+            lines.append(f"{name + ', ' + which:25}" + "".join(f"{x:7.3f}" for x in np.nanmean(v.reshape(-1, B), axis=0))
+                         + f"{np.nanmean(v):7.3f}")
+    return lines
+
+
+def draw_loss_by_position(records, path):
+    """The loss at each position of the val window, AR source and reference, block boundaries marked."""
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+    B = records[0]["scores"]["block"]
+    ar, dlm = by_position(records, "ar_by_position"), by_position(records, "by_position")
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.plot(range(len(ar)), ar, ".-", color="black", label="AR source: next-token loss")
+    ax.plot(range(len(dlm)), dlm, ".-", color="tab:red", label="reference dLM: its block all masked, earlier blocks clean")
+    for b in range(0, len(ar) + 1, B):
+        ax.axvline(b - 0.5, color="gray", alpha=0.3, linewidth=0.8)
+    ax.set_xlabel(f"position in the val window (gray lines: block boundaries, B={B})")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.2, axis="y")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"Loss by position on the answer tokens of the task val windows (reference: the mean of "
+                 f"{len(records)} seeds)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"plot: {path}")
+
+
+def write_report(path, lines):
+    """The sweep's tables into the markdown file at path, between its marker lines; the text
+    around them is left as it is (a file without them gets a short header)."""
+    command = "python ablate.py" + (f" --train_args={train_args!r}" if train_args else "")
+    block = (f"{BEGIN}\nThe tables below are the output of `{command}`, written by ablate.py; edit the script, not "
+             f"them.\n\n```\n" + "\n".join(lines) + f"\n```\n{END}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = (f"# The paper's ablations in miniature\n\nEach variant differs from `config/ablate/reference.py` in "
+                f"the one setting its file changes.\n\n{block}\n")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_atomically(path, text)
 

@@ -162,16 +162,25 @@ def gen_quality(ar_model, prompt, outs):
     return math.exp(nll / max(count, 1)), sum(entropies) / max(len(entropies), 1)
 
 
+def val_windows(ar_model, dlm, n_windows, device):
+    """n_windows evenly spaced windows (n_windows, L + 1) of the dLM run's val tokens, L the
+    longest multiple of its block size that both models can read; and which of their tokens
+    belong to an answer (None for a text)."""
+    L = min(dlm.config["context_len"], ar_model.config.context_len) // dlm.recipe.block_size * dlm.recipe.block_size
+    data, answers = val_tokens(dlm.config["dataset"], dlm.meta, answers=True)
+    starts = np.linspace(0, len(data) - L - 2, n_windows).astype(np.int64)
+    take = lambda a: torch.from_numpy(np.stack([a[s:s + L + 1].astype(np.int64) for s in starts])).to(device)
+    return take(data), None if answers is None else take(answers).bool()
+
+
 @torch.no_grad()
 def val_row(ar_model, dlm, n_windows, seed, device):
     """AR next-token val loss and the dLM's any-order bound (nats per token) on the same
     n_windows val windows of the dLM run's dataset, in batches of 16."""
     recipe = dlm.recipe
     B = recipe.block_size
-    L = min(dlm.config["context_len"], ar_model.config.context_len) // B * B  # windows both models can read
-    data = val_tokens(dlm.config["dataset"], dlm.meta)
-    starts = np.linspace(0, len(data) - L - 2, n_windows).astype(np.int64)
-    windows = torch.from_numpy(np.stack([data[s:s + L + 1].astype(np.int64) for s in starts])).to(device)
+    windows, _ = val_windows(ar_model, dlm, n_windows, device)
+    L = windows.size(1) - 1
     causal = training_mask("causal", B, L, device)
     gen = torch.Generator(device).manual_seed(seed)
     ar, bound = [], []
@@ -298,6 +307,14 @@ def bench_decode(ar, dlm, opt):
     return result
 
 
+def need_matplotlib():
+    """A one-line exit unless matplotlib, the one optional dependency (--plot only), is there."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        sys.exit("error: --plot needs matplotlib: pip install matplotlib (or leave out --plot)")
+
+
 def draw_plot(rows, path, title):
     """Two panels from the speed rows at the smallest batch size (eager, fused): accuracy (or the
     samples' gen-PPL on text) against tokens per forward, the dLM's thresholds on one line and the
@@ -381,10 +398,7 @@ def main(opt):
         if getattr(opt, name) < 1:
             sys.exit(f"error: {name} must be at least 1, got {getattr(opt, name)} (--{name})")
     if opt.plot:  # checked before the long runs, not after
-        try:  # the one optional dependency, imported for --plot only
-            importlib.import_module("matplotlib")
-        except ImportError:
-            sys.exit("error: --plot needs matplotlib: pip install matplotlib (or leave out --plot)")
+        need_matplotlib()
         if opt.eval:
             sys.exit("error: --plot draws the built-in benchmark's rows; leave it out with --eval")
     opt.device = resolve_device(opt.device)

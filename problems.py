@@ -76,17 +76,23 @@ def load_problems(dataset, meta, n=0):
     return problems
 
 
-def val_tokens(dataset, meta):
+def val_tokens(dataset, meta, answers=False):
     """The val token stream of a run's data: data/<dataset>/val.bin, else (a task set) regenerated
-    from meta's seed and encoded with its vocabulary."""
+    from meta's seed and encoded with its vocabulary. answers=True: also which tokens belong to an
+    answer (its end token included), from val.answers.bin or regenerated alike; None for a text."""
     path = os.path.join("data", dataset, "val.bin")
     if os.path.exists(path):
-        return np.memmap(path, dtype=meta["dtype"], mode="r")
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+        flags = path[:-4] + ".answers.bin"
+        return (tokens, np.fromfile(flags, dtype=np.uint8) != 0 if os.path.exists(flags) else None) if answers else tokens
     gen = _task_generator(meta, dataset)
     val = [q for q in gen.val_set(meta["seed"], meta["n_val"], gen.test_set(meta["seed"], meta["n_test"]))
            if q[0] in meta["tasks"]]
     stoi = {c: i for i, c in enumerate(meta["itos"][:meta["mask_id"]])}
-    return np.array([i for _, p, a in val for i in [stoi[c] for c in p + a] + [meta["end_id"]]], dtype=meta["dtype"])
+    tokens = np.array([i for _, p, a in val for i in [stoi[c] for c in p + a] + [meta["end_id"]]], dtype=meta["dtype"])
+    if not answers:
+        return tokens
+    return tokens, np.array([f for _, p, a in val for f in [False] * len(p) + [True] * (len(a) + 1)])
 
 
 def load_eval_file(path, limit=0):

@@ -9,6 +9,8 @@ import concurrent.futures
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -958,6 +960,8 @@ def test_task_sets_regenerate_from_the_seed_in_meta(tmp_path):
     assert meta["seed"] == 7 and len(written) == 20 * len(meta["tasks"])
     assert load_problems("nowhere", meta) == written
     assert np.array_equal(val_tokens("nowhere", meta), np.fromfile(tmp_path / "val.bin", dtype=meta["dtype"]))
+    tokens, answers = val_tokens("nowhere", meta, answers=True)  # which tokens are answers', too
+    assert np.array_equal(answers, np.fromfile(tmp_path / "val.answers.bin", dtype=np.uint8) != 0) and len(answers) == len(tokens)
     # a set of three tasks (weight 0 for the others): the full set's vocabulary and, of its tasks, its test problems
     code, out, err = run(script, "--seed=7", "--n_train=50", "--n_val=30", "--n_test=20", "--weights=rev=0,dup=0",
                          f"--out_dir={tmp_path / 'three'}", cwd=tmp_path)
@@ -1464,13 +1468,45 @@ def test_ablation_verdicts():
     assert judge([80, 82], [70, 71], -1) == (10.5, 2, "not reproduced")
     assert judge([80, 82], [70, 71], +1)[2] == "reproduced" and judge([60, 61], [70, 72], -1)[2] == "reproduced"
     assert judge([70, 74], [71, 72], -1)[2] == "within noise" and judge([80, 81], [70, 70], 0)[2] == "no paper figure"
+    from ablate import matched  # accuracy at a TPF: on the line through the thresholds' points, by hand
+    s = {"tpf1.0": 1.0, "acc1.0": 100.0, "tpf0.9": 4.0, "acc0.9": 80.0, "tpf0.7": 3.0, "acc0.7": 90.0, "tpf0.5": 5.0, "acc0.5": 60.0}
+    assert matched(s, 2.0) == (95.0, True) and matched(s, 4.5) == (70.0, True)  # points in the order of their TPF
+    assert matched(s, 6.0) == (60.0, False) and matched(s, 0.5) == (100.0, False)  # beyond them: the nearest
+
+
+def test_loss_by_position_is_the_first_decoding_step_and_the_next_token_loss():
+    """ablate.py's loss by position against the decoder and a one-token-at-a-time loop: the dLM's
+    at position i is the loss of the logits decoding computes for i when its block is all masked
+    and every earlier block clean (no cache); the AR model's is its next-token loss; each averaged
+    over the windows where i is an answer token."""
+    from ablate import loss_by_position
+    dlm, ar = tiny_model(sharp=1.0), tiny_model(seed=1, sharp=1.0)
+    L, B = 32, 8
+    x = torch.randint(0, 23, (5, L), generator=torch.Generator().manual_seed(0))
+    answers = torch.rand(5, L, generator=torch.Generator().manual_seed(1)) < 0.6
+    answers[:, 9] = False  # a position no window counts
+    for shift in (True, False):
+        recipe = Recipe(block_size=B, mask_id=23, token_shift=shift)
+        got = loss_by_position(ar, dlm, recipe, x, answers)
+        for i in range(L):
+            k, rows = i // B, answers[:, i]
+            seq = torch.cat([x[:, :k * B], torch.full((5, B), 23)], 1)
+            window = Window(dlm, seq, attention_rule("block", B), Decoding(kv_cache=False), align=B)
+            out = window(max(k * B - shift, 0), k * B + B, clean_to=k * B)
+            out = (F.pad(out, (0, 0, 1, 0)) if shift and k == 0 else out)[:, i - k * B]
+            want = F.cross_entropy(out[rows], x[rows, i]).item() if rows.any() and not (shift and i == 0) else None
+            assert (got["by_position"][i] is None) == (want is None) and (want is None or abs(got["by_position"][i] - want) < 1e-4), i
+            step = ar(x[:, :i], torch.arange(i), training_mask("causal", B, i, "cpu"))[:, -1] if i else None
+            want = F.cross_entropy(step[rows], x[rows, i]).item() if i and rows.any() else None
+            assert (got["ar_by_position"][i] is None) == (want is None) and (want is None or abs(got["ar_by_position"][i] - want) < 1e-4), i
+    assert loss_by_position(ar, dlm, Recipe(block_size=B, mask_id=23, pattern="bidirectional"), x)["by_position"] is None
 
 
 def test_every_ablation_config_runs(tmp_path):
     """ablate.py over every config in config/ablate, 2 iterations each from a tiny AR run on the
     task data: each run's checkpoint has the one setting its config changes, the table names
-    every variant, and a second call trains nothing again and reads the scores back, unless what
-    they were computed for has changed."""
+    every variant and the loss by position, and a second call trains nothing again and reads the
+    saved scores back, unless what they were computed for has changed."""
     link_scripts(tmp_path)
     os.symlink(os.path.join(HERE, "config"), tmp_path / "config")
     code, out, err = run(os.path.join(HERE, "data", "tasks", "prepare.py"), "--n_train=200", "--n_val=40", "--n_test=3",
@@ -1479,32 +1515,47 @@ def test_every_ablation_config_runs(tmp_path):
     code, out, err = run("train.py", *TINY, "--dataset=tasks", "--context_len=64", "--max_iters=2", "--eval_iters=1",
                          "--out_dir=out-ar", cwd=tmp_path)
     assert code == 0, err
-    flags = "--max_iters=2 --batch_size=4 --context_len=64 --eval_iters=1"
-    code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--jobs=3", cwd=tmp_path)
+    flags = "--max_iters=2 --batch_size=4 --context_len=64 --eval_iters=1 --dataset=tasks"
+    seeds = ["--seeds=5", "--reference_seeds=5,6"]
+    code, out, err = run("ablate.py", "--ar_dir=out-ar", *seeds, f"--train_args={flags}", "--jobs=3",
+                         "--plot=loss.png", cwd=tmp_path)
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
-    assert sorted(result["runs"]) == ABLATIONS and len(result["comparisons"]) == 13
+    assert sorted(result["runs"]) == ABLATIONS and len(result["runs"]["reference"]) == 2
+    assert len(result["comparisons"]) == 13 and (tmp_path / "loss.png").stat().st_size > 0
     ref = torch.load(tmp_path / "out-ablate" / "reference-s5" / "ckpt.pt", weights_only=True)["config"]
     for v in ABLATIONS:
         assert f"\n{v} " in out
         ckpt = torch.load(tmp_path / "out-ablate" / f"{v}-s5" / "ckpt.pt", weights_only=True)
         changed = {k for k in ref if ckpt["config"][k] != ref[k]} - {"out_dir"}
         assert ckpt["iter_num"] == 2 and ckpt["config"]["seed"] == 5 and len(changed) == (v != "reference") + (v == "shift_off_bidirectional"), (v, changed)
+    position = [line.split() for line in out.splitlines() if line.startswith(("AR source, ", "reference, "))]
+    numbers = [[x for x in p if re.fullmatch(r"-?\d+\.\d+|nan", x)] for p in position]  # 8 positions in a block, and all
+    assert [p[0] for p in position] == ["AR", "reference,"] * 2 and [len(n) for n in numbers] == [9] * 4
     report = (tmp_path / "docs" / "ablations.md").read_text()  # the full sweep writes its own output
     assert "written by ablate.py" in report and all(f"\n{v} " in report for v in ABLATIONS)
-    saved = tmp_path / "out-ablate" / "reference-s5" / "scores.json"
-    scores = json.loads(saved.read_text())
-    assert scores["scores"]["acc0.9"] == result["runs"]["reference"][0]["acc0.9"]
-    scores["scores"]["bound"] = 123.0  # a mark: seen again only if the saved scores are read back
-    saved.write_text(json.dumps(scores))
-    code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--only=reference", cwd=tmp_path)
-    assert code == 0 and "training" not in out and list(json.loads(out.splitlines()[-1])["runs"]) == ["reference"], err
+    saved = tmp_path / "docs" / "ablations" / "reference-s5.json"
+    record = json.loads(saved.read_text())
+    assert record["scores"]["acc0.9"] == result["runs"]["reference"][0]["acc0.9"] and record["train_s"] > 0
+    record["scores"]["bound"] = 123.0  # a mark: seen again only if the saved scores are read back
+    saved.write_text(json.dumps(record))
+    from ablate import BEGIN, END
+    (tmp_path / "docs" / "ablations.md").write_text(f"kept\n{BEGIN}\nstale\n{END}\nalso kept\n")
+    shutil.rmtree(tmp_path / "out-ablate" / "attn_block_noisy-s5")  # the saved scores stand for the run
+    code, out, err = run("ablate.py", "--ar_dir=out-ar", *seeds, f"--train_args={flags}", cwd=tmp_path)
+    assert code == 0 and "training out-ablate" not in out, err
     assert json.loads(out.splitlines()[-1])["runs"]["reference"][0]["bound"] == 123.0
-    assert (tmp_path / "docs" / "ablations.md").read_text() == report  # a partial sweep leaves it as it was
-    code, out, err = run("ablate.py", "--ar_dir=out-ar", "--seeds=5", f"--train_args={flags}", "--only=reference",
-                         "--thresholds=(0.9,)", cwd=tmp_path)  # other thresholds: scored again
+    rewritten = (tmp_path / "docs" / "ablations.md").read_text()
+    assert rewritten.startswith(f"kept\n{BEGIN}") and rewritten.endswith(f"{END}\nalso kept\n") and "stale" not in rewritten
+    assert all(f"\n{v} " in rewritten for v in ABLATIONS)
+    code, out, err = run("ablate.py", "--ar_dir=out-ar", *seeds, f"--train_args={flags}", "--only=reference",
+                         cwd=tmp_path)
+    assert (tmp_path / "docs" / "ablations.md").read_text() == rewritten  # a partial sweep leaves it as it was
+    code, out, err = run("ablate.py", "--ar_dir=out-ar", *seeds, f"--train_args={flags}", "--only=reference",
+                         "--thresholds=(0.9,)", cwd=tmp_path)  # other thresholds: scored again, not trained
     again = json.loads(out.splitlines()[-1])["runs"]["reference"][0]
-    assert code == 0 and again["bound"] != 123.0 and "acc0.9" in again and "acc1.0" not in again, err
+    assert code == 0 and "training out-ablate" not in out and again["bound"] != 123.0 and "acc0.9" in again and "acc1.0" not in again, err
+    assert json.loads(saved.read_text())["train_s"] == record["train_s"]  # the training it was scored on
     # the task test set as a benchmark file gives the built-in evaluation's accuracies and tokens per forward
     problems = [json.loads(line) for line in (tmp_path / "data" / "tasks" / "test.jsonl").read_text().splitlines()]
     longest = max(len(p["answer"]) for p in problems) + 1
