@@ -310,14 +310,21 @@ def tables(records, variants, seed_list, ref_seeds):
     mean = lambda v, k: statistics.mean(s[k] for s in scores[v])
     pm = lambda values: f"{statistics.mean(values):5.1f} \u00b1{spread(values) / 2:3.1f}"
     first = records[variants[0]][0]["scores"]
-    train_s = [r["train_s"] for rs in records.values() for r in rs if r["train_s"] is not None]
-    score_s = sum(r["score_s"] for rs in records.values() for r in rs)
-    runs = sum(map(len, records.values()))
+    every = [r for rs in records.values() for r in rs]
+
+    def cost(runs):  # training (of the runs timed) and scoring, summed
+        timed = [r["train_s"] for r in runs if r["train_s"] is not None]
+        return (f"training {duration(sum(timed))}" + (f" ({len(timed)} timed)" if len(timed) < len(runs) else "")
+                + f" and scoring {duration(sum(r['score_s'] for r in runs))}")
+    machines = sorted({r["machine"] for r in every})
     lines = [f"budget: {first['budget']} per run (config/ablate/reference.py"
              + (f", --train_args={train_args!r}" if train_args else "") + f"); {len(seed_list)} seeds per variant "
              f"({', '.join(map(str, seed_list))}), {len(ref_seeds)} for the reference ({', '.join(map(str, ref_seeds))})",
-             f"sweep: {runs} runs; training {duration(sum(train_s))} ({len(train_s)} runs timed) and scoring "
-             f"{duration(score_s)}, summed over the runs, on {'; '.join(sorted({r['machine'] for rs in records.values() for r in rs}))}",
+             f"sweep: {len(every)} runs, {cost(every)}, summed over the runs"
+             + (" (one run at a time: the sweep's wall time)" if jobs == 1 else f" ({jobs} runs at a time)")
+             + (f" on {machines[0]}" if len(machines) == 1 else ""),
+             *([f"  {sum(r['machine'] == m for r in every)} runs on {m}: "
+                f"{cost([r for r in every if r['machine'] == m])}" for m in machines] if len(machines) > 1 else []),
              f"mean \u00b1 half the spread over seeds; accuracy (%) over {first['n_test']} test prompts, tokens per forward "
              f"(TPF) over the answers; last column: the accuracy at the reference's TPF at threshold {JUDGE}",
              "val bound: the any-order bound in nats per val token (the AR row: its next-token loss), over every token, "

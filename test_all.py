@@ -1534,6 +1534,7 @@ def test_every_ablation_config_runs(tmp_path):
     assert [p[0] for p in position] == ["AR", "reference,"] * 2 and [len(n) for n in numbers] == [9] * 4
     report = (tmp_path / "docs" / "ablations.md").read_text()  # the full sweep writes its own output
     assert "written by ablate.py" in report and all(f"\n{v} " in report for v in ABLATIONS)
+    assert "summed over the runs (3 runs at a time) on " in report  # the sweep's time and its machine
     saved = tmp_path / "docs" / "ablations" / "reference-s5.json"
     record = json.loads(saved.read_text())
     assert record["scores"]["acc0.9"] == result["runs"]["reference"][0]["acc0.9"] and record["train_s"] > 0
