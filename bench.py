@@ -1,6 +1,6 @@
 """
 AR against block diffusion, side by side in one run: same prompts, same device, warm-up first,
-the median of `repeats` timed runs, generated tokens only (never the prompt).
+the median of `repeats` rounds that time every row in turn, generated tokens only (never the prompt).
 
     python bench.py --out_dir=out-tasks-dlm                 # task demo: accuracy, TPF, tokens/s
     python bench.py --out_dir=out-tasks-dlm --plot=tasks.png   # and a picture of them
@@ -194,22 +194,28 @@ def val_row(ar_model, dlm, n_windows, seed, device):
 # ----------------------------------------------------------------------------------------
 # Speed
 
-def decode_speed(decode, prompts, max_new, batch_size, opt, count_end=False):
-    """Generated tokens per second decoding `prompts` batch_size at a time (with count_end, a
-    row's end token counts as generated), the median of opt.repeats runs after a warm-up; the
-    forwards of one run, and the tokens per forward of a row (every forward counted, prompt
-    prefill included)."""
+def decode_speeds(decodes, prompts, max_new, batch_size, opt, count_end=False):
+    """For each decoder: generated tokens per second decoding `prompts` batch_size at a time (with
+    count_end, a row's end token counts as generated), the median of opt.repeats rounds after a
+    warm-up, each round timing every decoder once in turn (on a noisy machine a drift then slows
+    them alike, and their ratios hold); the forwards of one run, and the tokens per forward of a
+    row (every forward counted, prompt prefill included)."""
     chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
-    def run_all():
+    def run_all(decode):
         tokens, forwards = 0, 0
         for chunk in chunks:
             outs, stats = decode(chunk, max_new)
             tokens += sum(min(len(o) + count_end, max_new) for o in outs)
             forwards += stats["forward_passes"]
         return tokens, forwards
-    seconds, (tokens, forwards) = median_seconds(run_all, opt.repeats, opt.device)
-    return tokens / seconds, forwards, tokens / len(prompts) * len(chunks) / forwards
+    counts = [run_all(decode) for decode in decodes]  # the warm-up
+    times = [[] for _ in decodes]
+    for _ in range(opt.repeats):
+        for t, decode in zip(times, decodes):
+            t.append(median_seconds(lambda: run_all(decode), 1, opt.device, warmup=0)[0])
+    return [(tokens / statistics.median(t), forwards, tokens / len(prompts) * len(chunks) / forwards)
+            for t, (tokens, forwards) in zip(times, counts)]
 
 
 def bench_decode(ar, dlm, opt):
@@ -257,7 +263,7 @@ def bench_decode(ar, dlm, opt):
             ppl, ent = gen_quality(ar.model, prompt, outs)
             quality[name] = dict(gen_ppl=round(ppl, 3), entropy=round(ent, 3))
 
-    print(f"\nspeed: tokens/s generated, the median of {opt.repeats} runs (speed-up over AR at the same batch size "
+    print(f"\nspeed: tokens/s generated, the median of {opt.repeats} rounds timing every row in turn (speed-up over AR at the same batch size "
           f"and compilation; over TPF: the speed-up per token per forward, 1.0 the limit at batch 1)")
     print(f"{'':31}{'batch':>6}{'TPF':>7}{'forwards':>10}{'tok/s':>10}{'speedup':>9}{'/ TPF':>7}"
           + ("   accuracy" if tasks_mode else "  gen-PPL  entropy"))
@@ -265,25 +271,27 @@ def bench_decode(ar, dlm, opt):
     for bs in opt.batch_sizes:
         prompts = timed_prompts if tasks_mode else timed_prompts[:bs]
         for compiled in (False, True) if opt.compile else (False,):
-            ar_tps = None
+            decodes, extras = [], []
             for name, model, rcp, dec in runs:
                 bar.update()
-                decode = make(model, rcp, dataclasses.replace(dec, compile=compiled))
-                extra = {}
-                q = quality[name]
+                decodes.append(make(model, rcp, dataclasses.replace(dec, compile=compiled)))
+                extras.append(dict(q=quality[name]))
                 if compiled:  # the first run compiles; the tokens must be those of the eager run of the model
                     # the compiled steps run (a large model on a CPU: maybe its bfloat16 copy)
                     ran, _ = step_model(model, dataclasses.replace(dec, compile=True))
                     t0 = time.perf_counter()
-                    outs = [o for i in range(0, len(prompts), bs) for o in decode(prompts[i:i + bs], max_new)[0]]
+                    outs = [o for i in range(0, len(prompts), bs) for o in decodes[-1](prompts[i:i + bs], max_new)[0]]
                     eager = [o for i in range(0, len(prompts), bs) for o in make(ran, rcp, dec)(prompts[i:i + bs], max_new)[0]]
-                    extra = dict(compile_s=round(time.perf_counter() - t0, 1), same_tokens=outs == eager,
-                                 dtype=str(ran.embed_tokens.weight.dtype)[6:])
+                    extras[-1].update(compile_s=round(time.perf_counter() - t0, 1), same_tokens=outs == eager,
+                                      dtype=str(ran.embed_tokens.weight.dtype)[6:])
                     if ran is not model and tasks_mode:  # the accuracy in that dtype, beside float32's
                         r = evaluate(make(ran, rcp, dec), problems, tokenizer, opt.eval_batch)
-                        extra["accuracy_float32"], q = q["accuracy"], dict(q, accuracy=round(r["average"], 2))
-                tps, forwards, tpf = decode_speed(decode, prompts, max_new, bs, opt, count_end=tasks_mode)
-                ar_tps = ar_tps or tps
+                        q = extras[-1]["q"]
+                        extras[-1].update(accuracy_float32=q["accuracy"], q=dict(q, accuracy=round(r["average"], 2)))
+            speeds = decode_speeds(decodes, prompts, max_new, bs, opt, count_end=tasks_mode)
+            ar_tps = speeds[0][0]
+            for (name, model, rcp, dec), (tps, forwards, tpf), extra in zip(runs, speeds, extras):
+                q = extra.pop("q")
                 tpf = q["tokens_per_forward"] if tasks_mode else round(tpf, 3)  # tasks: over the answers
                 row = dict(mode="ar" if rcp is None else "dlm", threshold=rcp and dec.threshold, fuse_commit=dec.fuse_commit,
                            compiled=compiled, batch_size=bs, tokens_per_forward=tpf, forward_passes=forwards,
@@ -360,17 +368,18 @@ def bench_eval(ar, dlm, opt):
           f"tokens/s at batch 1 over the first {len(timed)}")
     n_new = max_new or answer_room(problems, tokenizer)
     timed_prompts = [encode_prompt(tokenizer, p["prompt"], opt.chat) for p in timed]
-    rows, written = [], []
+    rows, written, decodes = [], [], []
     for mode, th, model, rcp, dec in runs:
         name = "AR" if mode == "ar" else f"dLM t={th}"
-        make = lambda: decoder(model, rcp, dec, g.manual_seed(opt.seed))
-        r = evaluate(make(), problems, tokenizer, opt.eval_batch, n_new, chat=opt.chat, progress=name)
-        tps, _, _ = decode_speed(make(), timed_prompts, n_new, 1, opt, count_end=True)
+        decodes.append(decoder(model, rcp, dec, g.manual_seed(opt.seed)))
+        r = evaluate(decodes[-1], problems, tokenizer, opt.eval_batch, n_new, chat=opt.chat, progress=name)
         correct = sum(o["correct"] for o in r["outputs"])
         rows.append(dict(mode=mode, threshold=th, accuracy=round(100.0 * correct / len(problems), 2),
-                         tokens_per_forward=round(r["tokens_per_forward"], 3), tokens_per_s=round(tps, 1),
+                         tokens_per_forward=round(r["tokens_per_forward"], 3),
                          per_task={t: round(a, 1) for t, a in r["accuracy"].items()} if len(r["accuracy"]) > 1 else None))
         written += [dict(p, mode=mode, threshold=th, **o) for p, o in zip(problems, r["outputs"])]
+    for row, (tps, _, _) in zip(rows, decode_speeds(decodes, timed_prompts, n_new, 1, opt, count_end=True)):
+        row["tokens_per_s"] = round(tps, 1)
     print(f"\n{'':14}{'accuracy':>9}{'TPF':>7}{'tok/s':>9}{'speedup':>9}")
     for row in rows:
         name = "AR" if row["mode"] == "ar" else f"dLM t={row['threshold']}"

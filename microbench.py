@@ -16,6 +16,7 @@ tiny uses a random model of that shape instead. The last line printed is one JSO
 """
 
 import json
+import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from bench import median_seconds
 from checkpoint import CheckpointError, load_run
 from configurator import describe_device, load_config, resolve_device
-from decode import Decoding, compiled_span_logits, generate_ar, generate_block, span_logits, step_model, stream_rule
+from decode import Decoding, compiled_span_logits, cpu_has_bf16, generate_ar, generate_block, span_logits, step_model, stream_rule
 from model import ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, training_mask
 
 # -----------------------------------------------------------------------------
@@ -70,23 +71,27 @@ def bench_linear(opt):
     Qwen3-0.6B MLP's shape) for M = 1..16 in float32 and bfloat16: a block forward of M tokens
     costs what one token costs only where the time stays flat in M."""
     dev, rows = opt.device, {}
-    for dtype in (torch.float32, torch.bfloat16):
+    # a CPU without bf16 instructions emulates bfloat16 at a few GFLOP/s: minutes for nothing
+    dtypes = (torch.float32, torch.bfloat16) if dev != "cpu" or cpu_has_bf16() else (torch.float32,)
+    for dtype in dtypes:
         flops, rate = peaks(dev, dtype)
         rows[f"matmul_2048_{str(dtype)[6:]}_gflops"] = round(flops / 1e9, 1)
     rows["copy_gb_per_s"] = round(rate / 1e9, 1)  # read + write
     w32 = torch.randn(3072, 1024, device=dev)
     for M in (1, 2, 4, 8, 9, 16):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             w, inp = w32.to(dtype), torch.randn(M, 1024, device=dev, dtype=dtype)
             s, _ = median_seconds(lambda: F.linear(inp, w), 50, dev, warmup=5)
             rows[f"linear_M{M}_{str(dtype)[6:]}_ms"] = round(1000 * s, 4)
     print(f"{describe_device(dev)}")
-    print(f"matmul 2048x2048: float32 {rows['matmul_2048_float32_gflops']} GFLOP/s, bfloat16 "
-          f"{rows['matmul_2048_bfloat16_gflops']} GFLOP/s; copy {rows['copy_gb_per_s']} GB/s (read + write)")
+    bf16 = (f"bfloat16 {rows['matmul_2048_bfloat16_gflops']} GFLOP/s" if len(dtypes) == 2
+            else "no bfloat16 (no bf16 instructions on this CPU)")
+    print(f"matmul 2048x2048: float32 {rows['matmul_2048_float32_gflops']} GFLOP/s, {bf16}; "
+          f"copy {rows['copy_gb_per_s']} GB/s (read + write)")
     print("F.linear of M rows by a 3072x1024 weight: ms, and GFLOP/s as a share of the matmul's above")
     for M in (1, 2, 4, 8, 9, 16):
         cells = []
-        for dt in ("float32", "bfloat16"):
+        for dt in (str(d)[6:] for d in dtypes):
             ms = rows[f"linear_M{M}_{dt}_ms"]
             gflops = 2 * M * 3072 * 1024 / ms / 1e6
             cells.append(f"{dt} {ms:6.3f} ms {gflops:6.1f} GFLOP/s ({100 * gflops / rows[f'matmul_2048_{dt}_gflops']:3.0f}%)")
@@ -183,15 +188,28 @@ def forward_ms(cfg, opt, compiled, dtype, rows=(1, 32)):
     keys = torch.arange(ctx, device=opt.device)
     span_logits(model, ids[:, :n], keys[:n], stream_rule("causal", 1), 1)  # the cache holds n tokens
     run = compiled_span_logits(frozen) if compiled else span_logits
-    ms = {}
+    steps = {}
     for M in rows:
         x, pos, rule = ids[:, n:n + M], keys[n:n + M], stream_rule("causal", 1) if M == 1 else stream_rule("block", M)
-        seconds, _ = median_seconds(lambda: run(model, x, pos, rule, M), 20, opt.device,
-                                    warmup=5 if compiled else 2)  # warm-up: compilation, CUDA graph capture
-        ms[M] = 1000 * seconds
+        steps[M] = lambda x=x, pos=pos, rule=rule, M=M: run(model, x, pos, rule, M)
+        for _ in range(5 if compiled else 2):  # warm-up: compilation, CUDA graph capture
+            steps[M]()
+    ms = interleaved_ms(steps, opt.device)
     dtype = model.embed_tokens.weight.dtype
     model.clear_cache()
     return ms, dtype, frozen
+
+
+def interleaved_ms(steps, device, rounds=9, calls=10):
+    """Milliseconds per call of each of `steps` (name -> fn), the median over rounds that each time
+    every step `calls` times in turn: on a noisy machine a drift then shifts every step alike, and
+    their ratios hold."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            seconds, _ = median_seconds(lambda: [fn() for _ in range(calls)], 1, device, warmup=0)
+            times[name].append(1000 * seconds / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_forward(shapes, opt):
