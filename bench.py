@@ -56,7 +56,7 @@ ar_dir = ""                         # the AR baseline; default: the run the dLM 
 thresholds = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)  # dLM decoding thresholds, one row each
 batch_sizes = (1, 8)                # the speed rows' batch sizes
 block_size = 0                      # decode block; 0: the training block size
-repeats = 3                         # timed runs per row (the median is reported), after a warm-up
+repeats = 3                         # timed rounds, each timing every row once (the median is reported), after a warm-up
 unfused = 0.9                       # dLM: also this threshold with commit passes of their own (0: no such row)
 # task checkpoints
 n_test = 0                          # test prompts per task for the accuracy; 0: all
