@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from bench import median_seconds
 from checkpoint import CheckpointError, load_run
 from configurator import describe_device, load_config, resolve_device
-from decode import Decoding, compiled_span_logits, cpu_has_bf16, generate_ar, generate_block, span_logits, step_model, stream_rule
+from decode import (Decoding, compiled_span_logits, cpu_has_bf16, generate_ar, generate_block, span_logits, step_model,
+                    stream_rule)
 from model import ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, training_mask
 
 # -----------------------------------------------------------------------------
@@ -68,8 +69,9 @@ def peaks(device, dtype):
 def bench_linear(opt):
     """The machine's measured peaks, against which bench.py's block forwards are judged: a square
     matmul (FLOP/s), a large copy (bytes/s), and F.linear of M rows by a 3072x1024 weight (the
-    Qwen3-0.6B MLP's shape) for M = 1..16 in float32 and bfloat16: a block forward of M tokens
-    costs what one token costs only where the time stays flat in M."""
+    Qwen3-0.6B MLP's shape) for M = 1..16 in float32 and bfloat16 (where the CPU has bf16
+    instructions, or on a GPU): a block forward of M tokens costs what one token costs only where
+    the time stays flat in M."""
     dev, rows = opt.device, {}
     # a CPU without bf16 instructions emulates bfloat16 at a few GFLOP/s: minutes for nothing
     dtypes = (torch.float32, torch.bfloat16) if dev != "cpu" or cpu_has_bf16() else (torch.float32,)
