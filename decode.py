@@ -34,7 +34,7 @@ class Decoding:
     kv_cache: bool = True           # False recomputes the whole window every forward: the oracle the cache is
                                     # tested against, and the only way to decode bidirectional attention
     end_ids: tuple = field(default=())  # a row stops at the first of these it generates
-    compile: bool = False           # run the steps, whose shapes never change, compiled (prefills stay eager)
+    compile: bool = False           # run the steps (fixed shapes) compiled, and prefills as one graph for any length
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
