@@ -30,6 +30,7 @@ microbench.py.
 """
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -96,6 +97,17 @@ def median_seconds(fn, repeats, device, warmup=1):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def seconds_in_rounds(fns, rounds, device, calls=1):
+    """The median seconds per call of each of `fns` over `rounds` rounds, each round timing every
+    fn `calls` times in turn: on a noisy machine a drift then slows them alike, and their ratios
+    hold."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for t, fn in zip(times, fns):
+            t.append(median_seconds(lambda: [fn() for _ in range(calls)], 1, device, warmup=0)[0] / calls)
+    return [statistics.median(t) for t in times]
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,9 +209,8 @@ def val_row(ar_model, dlm, n_windows, seed, device):
 def decode_speeds(decodes, prompts, max_new, batch_size, opt, count_end=False):
     """For each decoder: generated tokens per second decoding `prompts` batch_size at a time (with
     count_end, a row's end token counts as generated), the median of opt.repeats rounds after a
-    warm-up, each round timing every decoder once in turn (on a noisy machine a drift then slows
-    them alike, and their ratios hold); the forwards of one run, and the tokens per forward of a
-    row (every forward counted, prompt prefill included)."""
+    warm-up, each round timing every decoder once in turn (seconds_in_rounds); the forwards of one
+    run, and the tokens per forward of a row (every forward counted, prompt prefill included)."""
     chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
     def run_all(decode):
@@ -210,12 +221,9 @@ def decode_speeds(decodes, prompts, max_new, batch_size, opt, count_end=False):
             forwards += stats["forward_passes"]
         return tokens, forwards
     counts = [run_all(decode) for decode in decodes]  # the warm-up
-    times = [[] for _ in decodes]
-    for _ in range(opt.repeats):
-        for t, decode in zip(times, decodes):
-            t.append(median_seconds(lambda: run_all(decode), 1, opt.device, warmup=0)[0])
-    return [(tokens / statistics.median(t), forwards, tokens / len(prompts) * len(chunks) / forwards)
-            for t, (tokens, forwards) in zip(times, counts)]
+    seconds = seconds_in_rounds([functools.partial(run_all, d) for d in decodes], opt.repeats, opt.device)
+    return [(tokens / s, forwards, tokens / len(prompts) * len(chunks) / forwards)
+            for s, (tokens, forwards) in zip(seconds, counts)]
 
 
 def bench_decode(ar, dlm, opt):
@@ -271,11 +279,12 @@ def bench_decode(ar, dlm, opt):
     for bs in opt.batch_sizes:
         prompts = timed_prompts if tasks_mode else timed_prompts[:bs]
         for compiled in (False, True) if opt.compile else (False,):
-            decodes, extras = [], []
+            decodes, quals, extras = [], [], []
             for name, model, rcp, dec in runs:
                 bar.update()
                 decodes.append(make(model, rcp, dataclasses.replace(dec, compile=compiled)))
-                extras.append(dict(q=quality[name]))
+                quals.append(quality[name])
+                extras.append({})
                 if compiled:  # the first run compiles; the tokens must be those of the eager run of the model
                     # the compiled steps run (a large model on a CPU: maybe its bfloat16 copy)
                     ran, _ = step_model(model, dataclasses.replace(dec, compile=True))
@@ -286,12 +295,11 @@ def bench_decode(ar, dlm, opt):
                                       dtype=str(ran.embed_tokens.weight.dtype)[6:])
                     if ran is not model and tasks_mode:  # the accuracy in that dtype, beside float32's
                         r = evaluate(make(ran, rcp, dec), problems, tokenizer, opt.eval_batch)
-                        q = extras[-1]["q"]
-                        extras[-1].update(accuracy_float32=q["accuracy"], q=dict(q, accuracy=round(r["average"], 2)))
+                        extras[-1]["accuracy_float32"] = quals[-1]["accuracy"]
+                        quals[-1] = dict(quals[-1], accuracy=round(r["average"], 2))
             speeds = decode_speeds(decodes, prompts, max_new, bs, opt, count_end=tasks_mode)
             ar_tps = speeds[0][0]
-            for (name, model, rcp, dec), (tps, forwards, tpf), extra in zip(runs, speeds, extras):
-                q = extra.pop("q")
+            for (name, model, rcp, dec), (tps, forwards, tpf), q, extra in zip(runs, speeds, quals, extras):
                 tpf = q["tokens_per_forward"] if tasks_mode else round(tpf, 3)  # tasks: over the answers
                 row = dict(mode="ar" if rcp is None else "dlm", threshold=rcp and dec.threshold, fuse_commit=dec.fuse_commit,
                            compiled=compiled, batch_size=bs, tokens_per_forward=tpf, forward_passes=forwards,

@@ -16,7 +16,6 @@ tiny uses a random model of that shape instead. The last line printed is one JSO
 """
 
 import json
-import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from bench import median_seconds
+from bench import median_seconds, seconds_in_rounds
 from checkpoint import CheckpointError, load_run
 from configurator import describe_device, load_config, resolve_device
 from decode import (Decoding, compiled_span_logits, cpu_has_bf16, generate_ar, generate_block, span_logits, step_model,
@@ -196,22 +195,10 @@ def forward_ms(cfg, opt, compiled, dtype, rows=(1, 32)):
         steps[M] = lambda x=x, pos=pos, rule=rule, M=M: run(model, x, pos, rule, M)
         for _ in range(5 if compiled else 2):  # warm-up: compilation, CUDA graph capture
             steps[M]()
-    ms = interleaved_ms(steps, opt.device)
+    ms = dict(zip(steps, (1000 * s for s in seconds_in_rounds(list(steps.values()), 9, opt.device, calls=10))))
     dtype = model.embed_tokens.weight.dtype
     model.clear_cache()
     return ms, dtype, frozen
-
-
-def interleaved_ms(steps, device, rounds=9, calls=10):
-    """Milliseconds per call of each of `steps` (name -> fn), the median over rounds that each time
-    every step `calls` times in turn: on a noisy machine a drift then shifts every step alike, and
-    their ratios hold."""
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            seconds, _ = median_seconds(lambda: [fn() for _ in range(calls)], 1, device, warmup=0)
-            times[name].append(1000 * seconds / calls)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_forward(shapes, opt):
