@@ -26,30 +26,27 @@ batch size: tokens per forward, forward passes, tokens/s and the speed-up over A
 
 The last line printed is one JSON object with every row. What the speed rests on (a block
 forward against a token forward, the machine's peaks, a training step, the GPU check) is
-microbench.py.
+dev/microbench.py.
 """
 
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_run
-from configurator import describe_device, load_config, resolve_device, resolve_dtype
-from decode import Decoding, generate_ar, generate_block, step_model
-from model import diffusion_bound, training_mask
-from problems import CHAT, check, load_eval_file, load_problems, val_tokens
+from configurator import load_config, require, resolve_device, resolve_dtype
+from decode import Decoding, step_model
+from machine import describe_device, seconds_in_rounds
+from problems import answer_room, decoder, encode_prompt, evaluate, load_eval_file, load_problems, val_row
 
 # -----------------------------------------------------------------------------
 out_dir = "out-tasks-dlm"           # the run to measure: a dLM (against its AR source) or an AR model alone
@@ -81,80 +78,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def median_seconds(fn, repeats, device, warmup=1):
-    """The median wall time of fn() over `repeats` runs after `warmup` untimed ones (a GPU is
-    synchronised around each), and the result of the last run."""
-    cuda = str(device).startswith("cuda")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def seconds_in_rounds(fns, rounds, device, calls=1):
-    """The median seconds per call of each of `fns` over `rounds` rounds, each round timing every
-    fn `calls` times in turn: on a noisy machine a drift then slows them alike, and their ratios
-    hold."""
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for t, fn in zip(times, fns):
-            t.append(median_seconds(lambda: [fn() for _ in range(calls)], 1, device, warmup=0)[0] / calls)
-    return [statistics.median(t) for t in times]
-
-
 # ----------------------------------------------------------------------------------------
 # Quality
-
-def decoder(model, recipe, decoding, generator=None):
-    """decode(prompts, max_new_tokens) -> (outputs, stats): AR if recipe is None, else block
-    decoding; bidirectional attention has no exact cache, so it recomputes every forward."""
-    if recipe is None:
-        return lambda prompts, n: generate_ar(model, prompts, n, decoding, generator)
-    if recipe.pattern == "bidirectional":
-        decoding = dataclasses.replace(decoding, kv_cache=False)
-    return lambda prompts, n: generate_block(model, prompts, n, recipe, decoding, generator=generator)
-
-
-def encode_prompt(tokenizer, prompt, chat=False):
-    """A problem's prompt as tokens, in Qwen's chat template if asked."""
-    return tokenizer.encode(CHAT.format(prompt), allow_special=True) if chat else tokenizer.encode(prompt)
-
-
-def answer_room(problems, tokenizer):
-    """New tokens that fit every problem's answer and an end token after it."""
-    return max(len(tokenizer.encode(p["answer"])) for p in problems) + 1
-
-
-def evaluate(decode, problems, tokenizer, batch_size=100, max_new=0, chat=False, progress=""):
-    """Accuracy per task (a problem's "task", else "all"; each scored by its "check", exact by
-    default) and their mean, and tokens per forward over the generated tokens: the tokens written
-    (an end token included) over the forwards each row spent on them; also per task. max_new: new
-    tokens per prompt, 0: the longest answer + 1. `outputs` holds every problem's output."""
-    max_new = max_new or answer_room(problems, tokenizer)
-    correct, tokens, forwards, outputs = {}, {}, {}, []
-    for i in tqdm(range(0, len(problems), batch_size), desc=progress, unit="batch", disable=not progress):
-        batch = problems[i:i + batch_size]
-        outs, stats = decode([encode_prompt(tokenizer, p["prompt"], chat) for p in batch], max_new)
-        for p, out, f in zip(batch, outs, stats["row_forwards"]):
-            task, text = p.get("task", "all"), tokenizer.decode(out)
-            right = check(p["answer"], text, p.get("check", "exact"))
-            correct.setdefault(task, []).append(right)
-            tokens[task] = tokens.get(task, 0) + min(len(out) + 1, max_new)
-            forwards[task] = forwards.get(task, 0) + f
-            outputs.append(dict(output=text, correct=right, tokens=min(len(out) + 1, max_new), forwards=f))
-    accuracy = {t: 100.0 * sum(c) / len(c) for t, c in correct.items()}
-    return dict(accuracy=accuracy, average=sum(accuracy.values()) / len(accuracy),
-                tokens_per_forward=sum(tokens.values()) / sum(forwards.values()),
-                task_tokens_per_forward={t: tokens[t] / forwards[t] for t in tokens}, outputs=outputs)
-
 
 @torch.no_grad()
 def gen_quality(ar_model, prompt, outs):
@@ -172,35 +97,6 @@ def gen_quality(ar_model, prompt, outs):
         p = torch.bincount(torch.tensor(out)).float() / len(out)
         entropies.append(-(p[p > 0] * p[p > 0].log()).sum().item())
     return math.exp(nll / max(count, 1)), sum(entropies) / max(len(entropies), 1)
-
-
-def val_windows(ar_model, dlm, n_windows, device):
-    """n_windows evenly spaced windows (n_windows, L + 1) of the dLM run's val tokens, L the
-    longest multiple of its block size that both models can read; and which of their tokens
-    belong to an answer (None for a text)."""
-    L = min(dlm.config["context_len"], ar_model.config.context_len) // dlm.recipe.block_size * dlm.recipe.block_size
-    data, answers = val_tokens(dlm.config["dataset"], dlm.meta, answers=True)
-    starts = np.linspace(0, len(data) - L - 2, n_windows).astype(np.int64)
-    take = lambda a: torch.from_numpy(np.stack([a[s:s + L + 1].astype(np.int64) for s in starts])).to(device)
-    return take(data), None if answers is None else take(answers).bool()
-
-
-@torch.no_grad()
-def val_row(ar_model, dlm, n_windows, seed, device):
-    """AR next-token val loss and the dLM's any-order bound (nats per token) on the same
-    n_windows val windows of the dLM run's dataset, in batches of 16."""
-    recipe = dlm.recipe
-    B = recipe.block_size
-    windows, _ = val_windows(ar_model, dlm, n_windows, device)
-    L = windows.size(1) - 1
-    causal = training_mask("causal", B, L, device)
-    gen = torch.Generator(device).manual_seed(seed)
-    ar, bound = [], []
-    for x in windows.split(16):
-        ar.append(F.cross_entropy(ar_model(x[:, :-1], torch.arange(L, device=device), causal).flatten(0, 1),
-                                  x[:, 1:].flatten()).item())
-        bound.append(diffusion_bound(dlm.model, x[:, :-1], recipe, gen).item())
-    return dict(ar_loss=round(sum(ar) / len(ar), 4), dlm_bound=round(sum(bound) / len(bound), 4))
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,14 +219,6 @@ def bench_decode(ar, dlm, opt):
     return result
 
 
-def need_matplotlib():
-    """A one-line exit unless matplotlib, the one optional dependency (--plot only), is there."""
-    try:
-        importlib.import_module("matplotlib")
-    except ImportError:
-        sys.exit("error: --plot needs matplotlib: pip install matplotlib (or leave out --plot)")
-
-
 def draw_plot(rows, path, title):
     """Two panels from the speed rows at the smallest batch size (eager, fused): accuracy (or the
     samples' gen-PPL on text) against tokens per forward, the dLM's thresholds on one line and the
@@ -415,7 +303,7 @@ def main(opt):
         if getattr(opt, name) < 1:
             sys.exit(f"error: {name} must be at least 1, got {getattr(opt, name)} (--{name})")
     if opt.plot:  # checked before the long runs, not after
-        need_matplotlib()
+        require("matplotlib", "--plot")
         if opt.eval:
             sys.exit("error: --plot draws the built-in benchmark's rows; leave it out with --eval")
     opt.device = resolve_device(opt.device)

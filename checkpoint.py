@@ -91,6 +91,31 @@ def recipe_of(checkpoint, path="the checkpoint"):
                   t_eps=c.get("t_eps", 1e-3))
 
 
+def resume_refusal(checkpoint, path, settings, defaults):
+    """Why the run in `checkpoint` cannot go on with these train.py `settings` (its recipe under
+    "recipe", None for AR), in one line naming the setting; None when it can. A resumed run is the
+    same run: its recipe (compared whole, so a field added later is checked too), the data and
+    noise each step draws, and what it trains. `defaults` stand for settings an older run lacks."""
+    if "optimizer" not in checkpoint:
+        return (f"{path} holds weights only (a shipped model) and cannot be resumed; start a run from it with "
+                f"--init_from={os.path.dirname(path)} and a new --out_dir")
+    saved = checkpoint["config"]
+    used = removed_option(saved)
+    if used:
+        return f"{path} was trained with {used}, an option this version removed; it cannot be resumed: start a new run (a new --out_dir)"
+    for key in ("dataset", "answers_only", "align_windows", "seed", "lora_rank", "lora_alpha", "lora_train_others"):
+        if settings[key] != saved.get(key, defaults[key]):
+            return (f"resuming a run trained with {key}={saved.get(key, defaults[key])!r} but {key}={settings[key]!r} "
+                    f"was given; resume with the run's own config file")
+    old, new = recipe_of(checkpoint, path), settings["recipe"]
+    if old != new:  # in the settings' words: mode, or the recipe fields that differ (the pattern is --attention)
+        keys = [k for k in asdict(old) if getattr(old, k) != getattr(new, k)] if old and new else []
+        shown = lambda r: f"mode={'dlm' if r else 'ar'!r}" if not keys else ", ".join(
+            f"{'attention' if k == 'pattern' else k}={getattr(r, k)!r}" for k in keys)
+        return f"resuming a run trained with {shown(old)} but {shown(new)} was given; resume with the run's own config file"
+    return None
+
+
 def recipe_record(recipe):
     """What a checkpoint stores of a recipe: its fields as plain values (None for AR)."""
     return asdict(recipe) if recipe is not None else None

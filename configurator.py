@@ -14,10 +14,10 @@ import ast
 import difflib
 import io
 import os
-import platform
-import subprocess
 import sys
 import tokenize
+
+import torch
 
 
 def _fail(msg):
@@ -25,10 +25,9 @@ def _fail(msg):
 
 
 def settings(path):
-    """{name: (default, comment)} of a script's settings: its top-level `name = literal`
-    assignments of lowercase names before it calls load_config and before its first function
-    or class, read from the source (nothing is run), with the comment on the same line or on the
-    comment lines just below it."""
+    """{name: (default, comment)} of a script's settings, read from its source (nothing is run): the
+    top-level `name = literal` lines of lowercase names before its load_config call and its first
+    def or class, with the comment on the same line and on the comment lines just below it."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     comments, code_lines = {}, set()
@@ -61,12 +60,6 @@ def settings(path):
                 line += 1
         found[name] = (value, " ".join(lines))
     return found
-
-
-def _unknown(key, defaults):
-    close = difflib.get_close_matches(key, list(defaults), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown setting '{key}'{hint}"
 
 
 def _close_file(path):
@@ -103,7 +96,16 @@ def configure(defaults, argv=None, nullable=()):
     the command line) to `defaults`. Keys in `nullable` may also be set to None."""
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
-        if not arg.startswith("--"):
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                _fail(f"'{arg}' has no value: write --{key}=VALUE (--help lists the settings)")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            given, origin, where = {key: value}, f"--{key}", ""
+        else:
             if not os.path.isfile(arg):
                 _fail(f"config file '{arg}' not found{_close_file(arg)} (settings are given as --key=value; "
                       f"--help lists them)")
@@ -112,23 +114,13 @@ def configure(defaults, argv=None, nullable=()):
                 exec(open(arg).read(), scope)
             except Exception as e:
                 _fail(f"config file '{arg}' does not run: {type(e).__name__}: {e}")
-            for key, value in scope.items():
-                if key.startswith("_") or type(value).__name__ == "module":
-                    continue
-                if key not in defaults:
-                    _fail(f"{arg}: {_unknown(key, defaults)}")
-                config[key] = _check(key, value, config, nullable, arg)
-        else:
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                _fail(f"'{arg}' has no value: write --{key}=VALUE (--help lists the settings)")
+            given = {k: v for k, v in scope.items() if not k.startswith("_") and type(v).__name__ != "module"}
+            origin, where = arg, f"{arg}: "
+        for key, value in given.items():
             if key not in defaults:
-                _fail(_unknown(key, defaults))
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-            config[key] = _check(key, value, config, nullable, f"--{key}")
+                close = difflib.get_close_matches(key, list(defaults), n=1)
+                _fail(f"{where}unknown setting '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            config[key] = _check(key, value, config, nullable, origin)
     return config
 
 
@@ -143,69 +135,30 @@ def _help(script, doc, table, config):
 
 
 def load_config(scope, nullable=()):
-    """Applies the command line to the settings of the script whose globals are `scope`, in
-    place, and returns them as a dict. With -h or --help, prints the settings (after the config
-    files and flags before it) and exits."""
+    """Applies the command line to the settings of the script whose globals are `scope`, in place,
+    and returns them as a dict. -h or --help prints the settings and exits."""
     table = settings(scope["__file__"])
     defaults = {k: scope[k] for k in table}
     argv = sys.argv[1:]
     asks = [i for i, a in enumerate(argv) if a in ("-h", "--help") or a.startswith("--help=")]
-    if asks:
-        first = asks[0]
-        script = os.path.relpath(scope["__file__"])
-        print(_help(script, scope.get("__doc__"), table, configure(defaults, argv[:first], nullable)))
-        sys.exit(0)
+    if asks:  # the settings as the config files and flags before --help leave them
+        config = configure(defaults, argv[:asks[0]], nullable)
+        sys.exit(print(_help(os.path.relpath(scope["__file__"]), scope.get("__doc__"), table, config)))
     config = configure(defaults, argv, nullable)
     scope.update(config)
     return config
 
 
-def code_commit():
-    """The git commit of the code that runs, with '+changes' when the work tree differs from it;
-    'unknown' outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
+def require(package, flag):
+    """A one-line exit unless the optional `package` that `flag` needs is installed."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if commit.returncode != 0:
-        return "unknown"
-    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
-def cpu_fields():
-    """The first CPU's fields in /proc/cpuinfo ('model name', 'cpu family', 'flags', ...); {} where
-    there is no such file (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
-        return {}
-    return {k.strip(): v.strip() for k, v in fields.items()}
-
-
-def cpu_flags():
-    return set(cpu_fields().get("flags", "").split())
-
-
-def describe_device(device):
-    """The device in words: a GPU's name, or the CPU's model, family and the instruction sets that
-    decide its float32 and bfloat16 kernels (AVX2, AVX-512, AVX-512 BF16, AMX), and the threads."""
-    import torch
-    if str(device).startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    fields = cpu_fields()
-    name, family, flags = fields.get("model name", platform.processor() or platform.machine()), fields.get("cpu family", ""), cpu_flags()
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{name}" + (f" (family {family})" if family else "") + f", {' '.join(have) or 'no AVX2/AVX-512/AMX'}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+        __import__(package)
+    except ImportError:
+        _fail(f"{flag} needs {package}: pip install {package} (or leave out {flag})")
 
 
 def resolve_device(device):
     """'auto' -> 'cuda' if there is a GPU, else 'cpu'; anything torch cannot use is a one-line error."""
-    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -214,7 +167,7 @@ def resolve_device(device):
         _fail(f"device {device!r} is not a device torch knows; use --device=cpu (or auto, cuda, cuda:N, mps)")
     if kind == "cuda" and not torch.cuda.is_available():
         _fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
         _fail(f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s); use --device=cuda:0")
     if kind == "mps" and not torch.backends.mps.is_available():
         _fail(f"device={device!r} but MPS is not available here; use --device=cpu")
@@ -228,7 +181,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def dtype_of(name):
     """The torch dtype of a --dtype value other than 'auto'; a ValueError naming the flag for anything else."""
-    import torch
     if name not in DTYPES[1:]:
         raise ValueError(f"dtype must be one of {', '.join(repr(n) for n in DTYPES)}, got {name!r} (--dtype)")
     return getattr(torch, name)
@@ -236,7 +188,6 @@ def dtype_of(name):
 
 def resolve_dtype(dtype, device):
     """'auto' -> bfloat16 on a GPU that has it, else float32; returns the torch dtype."""
-    import torch
     cuda = device.startswith("cuda")
     if dtype == "auto":
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"

@@ -32,8 +32,8 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, recipe_of, recipe_record, save_checkpoint
 from configurator import dtype_of
-from model import ModelConfig, Transformer
-from tokenizer import TokenizerError, hf_tokenizer_json, load_tokenizer, save_tokenizer, tokenizer_from_hf
+from model import ModelConfig, Transformer, hf_name
+from tokenizer import CHAT_TEMPLATE, TokenizerError, hf_tokenizer_json, load_tokenizer, save_tokenizer, tokenizer_from_hf
 
 # -----------------------------------------------------------------------------
 hf_dir = ""                     # the Hugging Face folder (config.json, *.safetensors, tokenizer.json)
@@ -163,11 +163,6 @@ def model_args_from_hf(cfg, context_len=4096):
                 intermediate_size=cfg["intermediate_size"], rope_theta=float(theta), norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 qkv_bias=cfg.get("attention_bias", kind == "qwen2"), qk_norm=kind == "qwen3",
                 tie_embeddings=cfg.get("tie_word_embeddings", False))
-
-
-def hf_name(name):
-    """Our parameter name -> Hugging Face's: the same, under 'model.' except the head."""
-    return name if name == "lm_head.weight" else "model." + name
 
 
 def convert_weights(hf_tensors, model_args, dtype=None):
@@ -407,11 +402,6 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConversionError(f"could not write {hf_dir} ({e}); nothing was left behind") from None
     return dict(files=len(shards), bytes=total, tensors=len(tensors), kind=cfg["model_type"])
-
-
-# Qwen's chat turns, as sample.py --chat=True writes them
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """
 Decoding: AR, one token per forward, and block-parallel threshold decoding of a block-diffusion
-LM, both with the exact static KV cache of model.py.
+LM, both with the exact static KV cache of model.py. In reading order: how to decode
+(Decoding), picking a token, the two decoders; then the window that runs spans of tokens
+through the model and its cache; then what makes it fast (compiled steps, and a bfloat16 copy
+of a large model on a CPU).
 
 All rows of a batch share the absolute positions (prompts are right-padded), so one mask serves
 the batch; a row's tokens never depend on the other rows: prompt positions are forced, positions
@@ -8,18 +11,20 @@ past a row's end are never committed, and each row commits on its own confidence
 
 Without the cache (Decoding(kv_cache=False)) every forward recomputes the whole window from
 scratch. That is the reference the cache is tested against (test_all.py), and the only way to
-decode bidirectional attention, whose keys change with every token (the attention ablation).
+decode bidirectional attention, whose keys change with every token (the attention ablation):
+generate_block decodes it so whatever the setting.
 """
 
 import copy
 import dataclasses
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from configurator import cpu_flags
+from machine import cpu_has_bf16
 from model import attention_rule, dense_mask
 
 
@@ -43,6 +48,135 @@ class Decoding:
             raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature!r} (--temperature)")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be 0 (off) or a positive number of tokens, got {self.top_k!r} (--top_k)")
+
+
+def pick(logits, temperature=0.0, top_k=0, generator=None):
+    """Token and its probability (the confidence) per position, without host syncs."""
+    if temperature == 0:
+        probs = torch.softmax(logits.double(), dim=-1)
+        conf, tok = probs.max(dim=-1)
+        return tok, conf
+    logits = logits.double() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # sampling by the exponential race: argmax(p / Exp(1)) is a sample from p, no sync needed
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    tok = (probs / noise).argmax(dim=-1)
+    return tok, probs.gather(-1, tok[..., None])[..., 0]
+
+
+@torch.no_grad()
+def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=None):
+    """Autoregressive decoding, one token per forward. Returns (list of token lists, stats)."""
+    device = model.embed_tokens.weight.device
+    seq, lens, limit = prompt_buffer(prompts, max_new_tokens, 0, device)
+    window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), steps=(1,))
+    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps = torch.zeros_like(lens)
+    for p in range(int(lens.min()), int(limit.max())):
+        logits = window(p - 1, p, clean_to=p)[:, -1]
+        tok, _ = pick(logits, decoding.temperature, decoding.top_k, generator)
+        write = (p >= lens) & (p < limit) & ~done
+        seq[:, p] = torch.where(write, tok, seq[:, p])
+        steps += write
+        if decoding.end_ids:
+            done |= write & torch.isin(tok, ends)
+            if done.all():  # one host sync per token, only when there is an end token
+                break
+    window.model.clear_cache()
+    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
+
+
+@torch.no_grad()
+def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), generator=None, on_step=None):
+    """Block-parallel decoding of a block-diffusion LM.
+
+    Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free positions
+    masked and each forward commits every masked position whose confidence is at least the
+    threshold, and at least the most confident one, so a block takes at most B forwards. Its
+    logits are those of the noisy copy of training (model.diffusion_logits), its earlier blocks
+    clean in the cache; with token shift the logits at i-1 predict token i, so the forward starts
+    one token earlier, at the clean end of the block before. A finished block must be written
+    into the cache before the next block can see it: with `fuse_commit` in the next block's first
+    forward ([clean block k ; masked block k+1], the training rule), otherwise in a commit pass of
+    its own. `on_step(s, block, committed)` is called after every forward. Bidirectional
+    attention is decoded without the cache (kv_cache=False), the only exact way.
+
+    stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
+    row_forwards, per row the forwards spent on its own output (the steps in which it had masks
+    left, and any commit passes between its blocks): what a row would cost alone."""
+    if recipe.pattern == "bidirectional":  # keys that change with every token: no exact cache, recompute
+        decoding = dataclasses.replace(decoding, kv_cache=False)
+    B, device, shift = recipe.block_size, model.embed_tokens.weight.device, int(recipe.token_shift)
+    seq, lens, limit = prompt_buffer(prompts, max_new_tokens, recipe.mask_id, device, pad_to=B)
+    abs_pos = torch.arange(seq.size(1), device=device)
+    free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
+    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    window = Window(model, seq, stream_rule(recipe.pattern, B), decoding, align=B, steps=(B, B + 1, 2 * B))
+    steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
+    for s in range(int(lens.min()) // B * B, int(limit.max()), B):
+        block = seq[:, s:s + B]  # a view: commits write straight into seq
+        todo = free[:, s:s + B] & ~done[:, None]
+        blocks += todo.any(-1)
+        while todo.any():  # the one host sync per forward
+            steps += todo.any(-1)
+            logits = window(max(s - shift, 0), s + B, clean_to=s)
+            if shift and s == 0:  # position 0 is a prompt token: nothing predicts it
+                logits = F.pad(logits, (0, 0, 1, 0))
+            tok, conf = pick(logits[:, :B], decoding.temperature, decoding.top_k, generator)
+            conf = conf.masked_fill(~todo, -1.0)
+            commit = todo & (conf >= decoding.threshold) if decoding.threshold < 1 else torch.zeros_like(todo)
+            commit |= F.one_hot(conf.argmax(-1), B).bool() & todo.any(-1, keepdim=True)  # at least one per active row
+            block.copy_(torch.where(commit, tok, block))
+            todo &= ~commit
+            ended = (torch.isin(block, ends) & free[:, s:s + B]).long()  # what follows a row's end token is dropped
+            todo &= (ended.cumsum(-1) - ended) == 0
+            if on_step is not None:
+                on_step(s, block, commit)
+        done |= (torch.isin(block, ends) & free[:, s:s + B]).any(-1)  # the block holding a row's end token is its last
+        if decoding.end_ids and done.all():
+            break
+    window.model.clear_cache()
+    row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
+    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards,
+                                                             row_forwards=row_forwards.tolist())
+
+
+# ----------------------------------------------------------------------------------------
+# The token buffer, and the window that runs spans of it through the model and its cache
+
+def prompt_buffer(prompts, max_new_tokens, fill, device, pad_to=1):
+    """Right-padded token buffer, prompt lengths, and per-row limit (prompt + max_new_tokens)."""
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    if lens.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    limit = lens + max_new_tokens
+    n = -(-int(limit.max()) // pad_to) * pad_to
+    seq = torch.full((len(prompts), n), fill, dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        seq[r, :len(p)] = torch.as_tensor(p, device=device)
+    return seq, lens, limit
+
+
+def outputs(seq, lens, limit, end_ids):
+    """Each row's generated tokens, cut at its first end token (which is dropped)."""
+    out = []
+    for r in range(seq.size(0)):
+        toks = seq[r, lens[r]:limit[r]].tolist()
+        first = next((i for i, t in enumerate(toks) if t in end_ids), len(toks))
+        out.append(toks[:first])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def stream_rule(pattern, block_size):
+    """The rule of a clean stream (decoding), one function object per pattern and block size, so
+    that compiled steps see the same rule at every call."""
+    return attention_rule(pattern, block_size)
 
 
 class Window:
@@ -117,6 +251,9 @@ def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
     return model(tokens, pos, mask, logits_slice=slice(tokens.size(1) - n_logits, None))
 
 
+# ----------------------------------------------------------------------------------------
+# Speed: compiled steps, and a bfloat16 copy of a large model on a CPU
+
 @functools.lru_cache(maxsize=None)
 def compiled_span_logits(frozen=False, dynamic=False):
     """span_logits compiled, on first use: for fixed shapes, one graph per step shape (an AR step,
@@ -150,139 +287,11 @@ def step_model(model, decoding):
     if not cpu_has_bf16():
         return model, True
     key = [(q.data_ptr(), q._version) for q in model.parameters()]
-    kept = model.__dict__.get("_bf16_copy")  # a plain attribute: not a submodule, not saved
+    kept = BF16_COPIES.get(model)
     if kept is None or kept[0] != key:
-        model.clear_cache()
-        skip = {id(v): None for k, v in model.__dict__.items() if k in ("_kept_caches", "_bf16_copy")}
-        kept = model.__dict__["_bf16_copy"] = (key, copy.deepcopy(model, skip).to(torch.bfloat16))
+        model.drop_caches()  # the copy needs no caches of its own
+        kept = BF16_COPIES[model] = (key, copy.deepcopy(model).to(torch.bfloat16))
     return kept[1], True
 
 
-def cpu_has_bf16():
-    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX; Linux's flags)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-@functools.lru_cache(maxsize=None)
-def stream_rule(pattern, block_size):
-    """The rule of a clean stream (decoding), one function object per pattern and block size, so
-    that compiled steps see the same rule at every call."""
-    return attention_rule(pattern, block_size)
-
-
-def pick(logits, temperature=0.0, top_k=0, generator=None):
-    """Token and its probability (the confidence) per position, without host syncs."""
-    if temperature == 0:
-        probs = torch.softmax(logits.double(), dim=-1)
-        conf, tok = probs.max(dim=-1)
-        return tok, conf
-    logits = logits.double() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # sampling by the exponential race: argmax(p / Exp(1)) is a sample from p, no sync needed
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    tok = (probs / noise).argmax(dim=-1)
-    return tok, probs.gather(-1, tok[..., None])[..., 0]
-
-
-def prompt_buffer(prompts, max_new_tokens, fill, device, pad_to=1):
-    """Right-padded token buffer, prompt lengths, and per-row limit (prompt + max_new_tokens)."""
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    if lens.min() < 1:
-        raise ValueError("every prompt needs at least one token")
-    limit = lens + max_new_tokens
-    n = -(-int(limit.max()) // pad_to) * pad_to
-    seq = torch.full((len(prompts), n), fill, dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        seq[r, :len(p)] = torch.as_tensor(p, device=device)
-    return seq, lens, limit
-
-
-def outputs(seq, lens, limit, end_ids):
-    """Each row's generated tokens, cut at its first end token (which is dropped)."""
-    out = []
-    for r in range(seq.size(0)):
-        toks = seq[r, lens[r]:limit[r]].tolist()
-        first = next((i for i, t in enumerate(toks) if t in end_ids), len(toks))
-        out.append(toks[:first])
-    return out
-
-
-@torch.no_grad()
-def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=None):
-    """Autoregressive decoding, one token per forward. Returns (list of token lists, stats)."""
-    device = model.embed_tokens.weight.device
-    seq, lens, limit = prompt_buffer(prompts, max_new_tokens, 0, device)
-    window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), steps=(1,))
-    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    steps = torch.zeros_like(lens)
-    for p in range(int(lens.min()), int(limit.max())):
-        logits = window(p - 1, p, clean_to=p)[:, -1]
-        tok, _ = pick(logits, decoding.temperature, decoding.top_k, generator)
-        write = (p >= lens) & (p < limit) & ~done
-        seq[:, p] = torch.where(write, tok, seq[:, p])
-        steps += write
-        if decoding.end_ids:
-            done |= write & torch.isin(tok, ends)
-            if done.all():  # one host sync per token, only when there is an end token
-                break
-    window.model.clear_cache()
-    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
-
-
-@torch.no_grad()
-def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), generator=None, on_step=None):
-    """Block-parallel decoding of a block-diffusion LM.
-
-    Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free positions
-    masked and each forward commits every masked position whose confidence is at least the
-    threshold, and at least the most confident one, so a block takes at most B forwards. Its
-    logits are those of the noisy copy of training (model.diffusion_logits), its earlier blocks
-    clean in the cache; with token shift the logits at i-1 predict token i, so the forward starts
-    one token earlier, at the clean end of the block before. A finished block must be written
-    into the cache before the next block can see it: with `fuse_commit` in the next block's first
-    forward ([clean block k ; masked block k+1], the training rule), otherwise in a commit pass of
-    its own. `on_step(s, block, committed)` is called after every forward.
-
-    stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
-    row_forwards, per row the forwards spent on its own output (the steps in which it had masks
-    left, and any commit passes between its blocks): what a row would cost alone."""
-    if recipe.pattern == "bidirectional" and decoding.kv_cache:
-        raise ValueError("bidirectional attention has no exact KV cache: decode with kv_cache=False")
-    B, device, shift = recipe.block_size, model.embed_tokens.weight.device, int(recipe.token_shift)
-    seq, lens, limit = prompt_buffer(prompts, max_new_tokens, recipe.mask_id, device, pad_to=B)
-    abs_pos = torch.arange(seq.size(1), device=device)
-    free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
-    ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    window = Window(model, seq, stream_rule(recipe.pattern, B), decoding, align=B, steps=(B, B + 1, 2 * B))
-    steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
-    for s in range(int(lens.min()) // B * B, int(limit.max()), B):
-        block = seq[:, s:s + B]  # a view: commits write straight into seq
-        todo = free[:, s:s + B] & ~done[:, None]
-        blocks += todo.any(-1)
-        while todo.any():  # the one host sync per forward
-            steps += todo.any(-1)
-            logits = window(max(s - shift, 0), s + B, clean_to=s)
-            if shift and s == 0:  # position 0 is a prompt token: nothing predicts it
-                logits = F.pad(logits, (0, 0, 1, 0))
-            tok, conf = pick(logits[:, :B], decoding.temperature, decoding.top_k, generator)
-            conf = conf.masked_fill(~todo, -1.0)
-            commit = todo & (conf >= decoding.threshold) if decoding.threshold < 1 else torch.zeros_like(todo)
-            commit |= F.one_hot(conf.argmax(-1), B).bool() & todo.any(-1, keepdim=True)  # at least one per active row
-            block.copy_(torch.where(commit, tok, block))
-            todo &= ~commit
-            ended = (torch.isin(block, ends) & free[:, s:s + B]).long()  # what follows a row's end token is dropped
-            todo &= (ended.cumsum(-1) - ended) == 0
-            if on_step is not None:
-                on_step(s, block, commit)
-        done |= (torch.isin(block, ends) & free[:, s:s + B]).any(-1)  # the block holding a row's end token is its last
-        if decoding.end_ids and done.all():
-            break
-    window.model.clear_cache()
-    row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
-    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards,
-                                                             row_forwards=row_forwards.tolist())
+BF16_COPIES = weakref.WeakKeyDictionary()  # model -> (its weights' identity, its bfloat16 copy), while the model lives

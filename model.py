@@ -65,9 +65,9 @@ class Recipe:
 
     def __post_init__(self):
         if self.pattern not in PATTERNS[1:]:
-            raise ValueError(f"a dLM's attention must be one of {PATTERNS[1:]}, got {self.pattern!r}")
+            raise ValueError(f"a dLM's attention must be one of {PATTERNS[1:]}, got {self.pattern!r} (--attention)")
         if self.block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+            raise ValueError(f"block_size must be at least 1, got {self.block_size} (--block_size)")
 
     @property
     def beta(self):
@@ -313,6 +313,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.cache = None
 
+    def drop_caches(self):
+        """Detaches the caches and frees the ones kept for the next generation (before a copy of
+        the model, say: a copy needs no caches of its own)."""
+        self.clear_cache()
+        self.__dict__.pop("_kept_caches", None)
+
+
+def hf_name(name):
+    """Our parameter name -> Hugging Face's: the same, under 'model.' except the head."""
+    return name if name == "lm_head.weight" else "model." + name
+
 
 # ----------------------------------------------------------------------------------------
 # 5. The diffusion objective: the corruption, the loss on [x_t ; x_0] and the bound
@@ -335,6 +346,14 @@ def corrupt(x_0, recipe, t, k, beta, *, maskable=None, u=None, generator=None):
     rank = scores.argsort(-1, descending=True).argsort(-1)  # 0 = the highest score
     masked = (rank < k[..., None]).reshape(b, L)
     return torch.where(masked, recipe.mask_id, x_0), masked
+
+
+def answer_maskable(answer, block_size):
+    """Which positions of x_0 (b, L) may be masked when only answers are learned: a block from its
+    first answer token to its end, past the end token too, as decoding masks a block after the
+    prompt (a prompt's own tokens stay clean, and the masks do not tell where an answer ends)."""
+    b, L = answer.shape
+    return answer.view(b, L // block_size, block_size).cummax(-1).values.view(b, L)
 
 
 def diffusion_logits(model, x_t, x_0, mask, recipe):

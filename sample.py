@@ -18,6 +18,7 @@ import torch
 from checkpoint import CheckpointError, load_run
 from configurator import load_config, resolve_device, resolve_dtype
 from decode import Decoding, generate_ar, generate_block
+from tokenizer import chat_prompt
 
 # -----------------------------------------------------------------------------
 out_dir = "out"             # the run to sample from
@@ -33,7 +34,8 @@ seed = 1337
 device = "auto"             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"              # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
 compile = False             # run the decoding steps compiled (fixed shapes; the first call compiles)
-kv_cache = True             # False recomputes the whole sequence every forward (the reference)
+kv_cache = True             # False recomputes the whole sequence every forward (the reference; bidirectional
+                            # attention, which has no exact cache, always does)
 fuse_commit = True          # dLM: write a finished block into the cache in the next block's first forward
 show_steps = False          # dLM: print each forward's block for the first sample ('_' masked, '$' end)
 chat = False                # converted Qwen checkpoints: wrap the prompt in Qwen's chat template
@@ -71,7 +73,7 @@ if start.startswith("FILE:"):
 if chat and run.meta.get("tokenizer") != "tiktoken":
     sys.exit("error: --chat=True needs a converted Qwen checkpoint (a character model has no chat template)")
 if chat:
-    start = f"<|im_start|>user\n{start}<|im_end|>\n<|im_start|>assistant\n"
+    start = chat_prompt(start)
 try:
     tokenizer = run.tokenizer()
     prompt = tokenizer.encode(start, allow_special=chat)
@@ -93,9 +95,6 @@ if recipe is not None:
     recipe = dataclasses.replace(recipe, block_size=block_size or recipe.block_size)
     if ctx_len % recipe.block_size:
         sys.exit(f"error: decode block_size {recipe.block_size} must divide the context length {ctx_len} (--block_size)")
-    if kv_cache and recipe.pattern == "bidirectional":
-        print("note: bidirectional attention has no exact KV cache; recomputing every forward", file=sys.stderr)
-        decoding = dataclasses.replace(decoding, kv_cache=False)
     forwards = [0]
 
     def show(s, tokens, committed):

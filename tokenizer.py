@@ -3,13 +3,25 @@ The two vocabularies a run can have, in one module that the scripts and checkpoi
 a character-level run's (the characters travel in its checkpoint), and a converted Qwen run's
 byte-level BPE, read from Hugging Face's tokenizer.json, run by tiktoken and saved beside the
 checkpoint as tokenizer.tiktoken (the vocabulary) and tokenizer.json (split pattern and special
-tokens); hf_tokenizer_json writes Hugging Face's format back for an export.
+tokens); hf_tokenizer_json writes Hugging Face's format back for an export. Qwen's chat turn is
+here too, the one place that writes it.
 """
 
 import base64
 import json
 import os
+import shutil
 import unicodedata
+
+TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json")  # a converted Qwen run's vocabulary, beside its checkpoint
+# Qwen's chat turns: the Jinja template an export ships, and the one user turn it renders (sample.py --chat=True)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_prompt(text):
+    """text as one user turn of Qwen's chat template, ready for the assistant's answer."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 class TokenizerError(ValueError):
@@ -89,6 +101,14 @@ class Tokenizer:
         return self.enc.decode(ids)
 
 
+def copy_tokenizer(src_dir, out_dir):
+    """Copies a converted Qwen run's tokenizer files from src_dir to out_dir (a run, its data,
+    its shipped copy); nothing for a character run, whose vocabulary travels in its checkpoint."""
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src_dir, f)):
+            shutil.copy(os.path.join(src_dir, f), os.path.join(out_dir, f))
+
+
 def save_tokenizer(out_dir, pattern, ranks, special):
     with open(os.path.join(out_dir, "tokenizer.tiktoken"), "w") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -99,7 +119,7 @@ def save_tokenizer(out_dir, pattern, ranks, special):
 
 def load_tokenizer(out_dir):
     """The Tokenizer saved beside a converted checkpoint (or the checkpoint of a run from it)."""
-    vocab, extra = os.path.join(out_dir, "tokenizer.tiktoken"), os.path.join(out_dir, "tokenizer.json")
+    vocab, extra = (os.path.join(out_dir, f) for f in TOKENIZER_FILES)
     if not (os.path.exists(vocab) and os.path.exists(extra)):
         raise FileNotFoundError(f"no tokenizer.tiktoken / tokenizer.json in {out_dir}; convert with convert_qwen.py")
     with open(vocab) as f:

@@ -14,7 +14,6 @@ is causal across blocks and bidirectional inside one (model.py, "Attention rules
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -27,10 +26,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_checkpoint, model_from, recipe_record, removed_option, save_checkpoint
-from configurator import code_commit, describe_device, load_config, resolve_device, resolve_dtype, settings
+from checkpoint import CheckpointError, load_checkpoint, model_from, recipe_record, resume_refusal, save_checkpoint
+from configurator import load_config, resolve_device, resolve_dtype
 from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
-from model import PATTERNS, ModelConfig, Recipe, Transformer, diffusion_bound, diffusion_loss, training_mask
+from machine import code_commit, describe_device
+from model import ModelConfig, Recipe, Transformer, answer_maskable, diffusion_bound, diffusion_loss, training_mask
+from tokenizer import copy_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: override them with config/x.py files and --key=value (--help lists them)
@@ -95,16 +96,12 @@ seed = 1337                 # seeds the initialisation, the batches and the mask
 backend = "nccl"            # DDP backend on CUDA ('gloo' is used on CPU)
 fsdp = False                # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 # -----------------------------------------------------------------------------
+defaults = dict(globals())  # the settings as written above, before the command line changes them
 config = load_config(globals(), nullable={"mask_half_life"})
-defaults = {k: v for k, (v, _) in settings(__file__).items()}
 # -----------------------------------------------------------------------------
 
 if mode not in ("ar", "dlm"):
     sys.exit(f"error: mode must be 'ar' or 'dlm', got '{mode}' (--mode)")
-if mode == "dlm" and attention not in PATTERNS[1:]:
-    sys.exit(f"error: attention must be one of {PATTERNS[1:]} for mode='dlm', got '{attention}' (--attention)")
-if mode == "dlm" and (block_size < 1 or context_len % block_size):
-    sys.exit(f"error: block_size {block_size} must divide context_len {context_len} (blocks lie on a fixed grid)")
 if init_from != "resume" and not overwrite and not eval_only and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
     sys.exit(f"error: {out_dir} already holds a checkpoint, which this run would replace; pass another --out_dir, "
              f"--init_from=resume to continue it, or --overwrite=True to replace it")
@@ -112,10 +109,10 @@ device = resolve_device(device)
 ptdtype = resolve_dtype(dtype, device)
 
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-ddp = int(os.environ.get("RANK", -1)) != -1
+ddp = "RANK" in os.environ
+rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 if ddp:
     init_process_group(backend=backend if device.startswith("cuda") else "gloo")
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
@@ -123,8 +120,6 @@ if ddp:
     if gradient_accumulation_steps % world_size:
         sys.exit(f"error: gradient_accumulation_steps {gradient_accumulation_steps} must be a multiple of the {world_size} processes")
     gradient_accumulation_steps //= world_size
-else:
-    rank, world_size = 0, 1
 master = rank == 0
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * context_len
 if master:  # out_dir is made by the first save, so a run that fails before leaves nothing behind
@@ -137,20 +132,24 @@ autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_
 data_dir = os.path.join("data", dataset)
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.exists(meta_path):
-    if os.path.exists(os.path.join(data_dir, "prepare.py")):
-        sys.exit(f"error: {meta_path} not found; run python data/{dataset}/prepare.py first")
     known = sorted(d for d in os.listdir("data") if os.path.exists(os.path.join("data", d, "prepare.py"))) \
         if os.path.isdir("data") else []
-    sys.exit(f"error: {meta_path} not found: no dataset '{dataset}' is prepared; --dataset names a folder of data/ "
-             f"made by a prepare.py ({', '.join(known) or 'none here'})")
+    sys.exit(f"error: {meta_path} not found; " + (f"run python data/{dataset}/prepare.py first" if dataset in known else
+             f"no dataset '{dataset}' is prepared: --dataset names a folder of data/ made by a prepare.py "
+             f"({', '.join(known) or 'none here'})"))
 with open(meta_path) as f:
     meta = json.load(f)
 if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
     sys.exit(f"error: {meta_path} has mask_id {meta.get('mask_id')} outside the vocabulary of {meta['vocab_size']}; "
              f"a dLM needs a mask token: run the dataset's prepare.py again")
-# the block-diffusion recipe, built once: the loss, the bound and (from the checkpoint) the decoder read it
-recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
-                mask_half_life=mask_half_life, t_eps=t_eps) if mode == "dlm" else None
+# the block-diffusion recipe, built once (it checks itself): the loss, the bound and (from the checkpoint) the decoder read it
+try:
+    recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
+                    mask_half_life=mask_half_life, t_eps=t_eps) if mode == "dlm" else None
+except ValueError as e:
+    sys.exit(f"error: {e}")
+if recipe and context_len % block_size:
+    sys.exit(f"error: block_size {block_size} must divide context_len {context_len} (blocks lie on a fixed grid)")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
@@ -169,8 +168,7 @@ for split in ("train", "val"):
                  f"{meta_path}; the data and its meta.json do not match: run prepare.py again")
 
 
-use_answers = answers_only
-if use_answers and not os.path.exists(os.path.join(data_dir, "train.answers.bin")):
+if answers_only and not os.path.exists(os.path.join(data_dir, "train.answers.bin")):
     sys.exit(f"error: answers_only=True needs {data_dir}/train.answers.bin (which tokens are answers); "
              f"data/tasks/prepare.py writes one, or use answers_only=False")
 window_starts = {}  # split -> where a window may start: right after an end token (align_windows)
@@ -190,12 +188,11 @@ def get_batch(split, generator):
     # recreate the memmap every batch: a long-lived np.memmap keeps growing memory
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
     if align_windows:
-        starts = window_starts[split]
-        ix = starts[torch.randint(len(starts), (batch_size,), generator=generator)].tolist()
+        ix = window_starts[split][torch.randint(len(window_starts[split]), (batch_size,), generator=generator)].tolist()
     else:
         ix = torch.randint(len(data) - context_len - 1, (batch_size,), generator=generator).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + context_len + 1].astype(np.int64)) for i in ix])
-    if not use_answers:
+    if not answers_only:
         return x.to(device, non_blocking=True), None
     answers = np.memmap(os.path.join(data_dir, f"{split}.answers.bin"), dtype=np.uint8, mode="r")
     answer = torch.stack([torch.from_numpy(answers[i:i + context_len + 1] != 0) for i in ix])
@@ -204,9 +201,7 @@ def get_batch(split, generator):
 
 # model
 iter_num, best_val_loss = 0, float("inf")
-model_args = dict(vocab_size=meta["vocab_size"], context_len=context_len, n_layer=n_layer, n_head=n_head,
-                  n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim, intermediate_size=intermediate_size,
-                  rope_theta=rope_theta, qkv_bias=qkv_bias, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+model_args = dict(vocab_size=meta["vocab_size"], **{k: config[k] for k in ModelConfig.__dataclass_fields__ if k in config})
 checkpoint = None
 if init_from != "scratch":
     src_dir = out_dir if init_from == "resume" else init_from
@@ -224,19 +219,10 @@ if init_from != "scratch":
         sys.exit(f"error: {ckpt_path} has vocab_size {model_args['vocab_size']} but data/{dataset} has "
                  f"{meta['vocab_size']}; use the dataset the checkpoint was trained on")
     if init_from == "resume":
-        if "optimizer" not in checkpoint:
-            sys.exit(f"error: {ckpt_path} holds weights only (a shipped model) and cannot be resumed; start a "
-                     f"run from it with --init_from={src_dir} and a new --out_dir")
+        why = resume_refusal(checkpoint, ckpt_path, dict(config, recipe=recipe), defaults)
+        if why:
+            sys.exit(f"error: {why}")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        used = removed_option(checkpoint["config"])
-        if used:
-            sys.exit(f"error: {ckpt_path} was trained with {used}, an option this version removed; it cannot be "
-                     f"resumed: start a new run (a new --out_dir)")
-        for key in ("mode", "attention", "block_size", "mask_half_life", "token_shift", "t_eps", "answers_only",
-                    "align_windows", "dataset", "seed", "lora_rank", "lora_alpha", "lora_train_others"):
-            if config[key] != checkpoint["config"].get(key, defaults[key]):
-                sys.exit(f"error: resuming a run trained with {key}={checkpoint['config'].get(key, defaults[key])!r} but {key}="
-                         f"{config[key]!r} was given; resume with the run's own config file")
         config["init_from"] = checkpoint["config"]["init_from"]  # keep the record of the source run
     else:
         config["init_from"] = src_dir  # the source run, e.g. the AR baseline of a conversion, as given (a relative
@@ -289,18 +275,12 @@ def rekey(sd, key):
                 param_groups=[dict(g, params=[key[k] for k in g["params"]]) for g in sd["param_groups"]])
 
 
-def optimizer_state():
-    if fsdp:  # a collective: every process gathers, the master saves
-        return get_optimizer_state_dict(raw_model, optimizer, options=full)
-    return rekey(optimizer.state_dict(), param_names)
-
-
 if init_from == "resume":
     if fsdp:
         set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=full)
     else:
         optimizer.load_state_dict(rekey(checkpoint["optimizer"], {n: i for i, n in enumerate(param_names)}))
-checkpoint_provenance = dict(resumed_from=checkpoint.get("provenance")) if init_from == "resume" else {}
+resumed_from = dict(resumed_from=checkpoint.get("provenance")) if init_from == "resume" else {}
 checkpoint = None  # free memory
 
 raw_model = model
@@ -336,12 +316,7 @@ def compute_loss(model, batch, generator, evaluating=False):
     x_0 = x[:, :-1]
     if evaluating:
         return diffusion_bound(model, x_0, recipe, generator, flex=flex)
-    maskable = None
-    if answer is not None:
-        # when decoding, a block is masked from its first answer token to its end, past the end
-        # token too: so may it be here (a prompt's own tokens stay clean, and the masks do not
-        # tell where an answer ends)
-        maskable = answer[:, :-1].view(x.size(0), -1, block_size).cummax(-1).values.view(x.size(0), context_len)
+    maskable = None if answer is None else answer_maskable(answer[:, :-1], block_size)
     return diffusion_loss(model, x_0, recipe, maskable=maskable, generator=generator, flex=flex)
 
 
@@ -373,11 +348,12 @@ def get_lr(it):
 
 
 def save_run():
-    """Called by every process that evaluates; under FSDP all of them gather the full state, the
-    master writes it."""
+    """Called by every process that evaluates; under FSDP all of them gather the full state (a
+    collective), the master writes it."""
     # LoRA runs are saved merged (a plain model for sample.py and init_from) with their adapters beside
     model_state = get_model_state_dict(raw_model, options=full) if fsdp else merged_state_dict(raw_model)
-    optim_state = optimizer_state()
+    optim_state = get_optimizer_state_dict(raw_model, optimizer, options=full) if fsdp else \
+        rekey(optimizer.state_dict(), param_names)
     if not master:
         return
     ckpt = dict(model=model_state, optimizer=optim_state, model_args=model_args, recipe=recipe_record(recipe),
@@ -388,9 +364,8 @@ def save_run():
     except CheckpointError as e:
         sys.exit(f"error: {e} at iteration {iter_num}; the previous checkpoint is kept: free space and continue "
                  f"with --init_from=resume")
-    if meta.get("tokenizer") == "tiktoken":  # sample.py finds a converted Qwen run's tokenizer beside its checkpoint
-        for f in ("tokenizer.tiktoken", "tokenizer.json"):
-            shutil.copy(os.path.join(data_dir, f), os.path.join(out_dir, f))
+    copy_tokenizer(data_dir, out_dir)  # sample.py finds a converted Qwen run's tokenizer beside its checkpoint
+    print(f"saved checkpoint to {out_dir}")
 
 
 def generators(it, micro_step):
@@ -404,7 +379,7 @@ def generators(it, micro_step):
 
 # what made this run, saved with it: the command, the code's commit and the machine
 provenance = dict(command=" ".join(["python"] + sys.argv), commit=code_commit(), machine=describe_device(device),
-                  world_size=world_size, **(checkpoint_provenance if init_from == "resume" else {}))
+                  world_size=world_size, **resumed_from)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 batch = get_batch("train", generators(iter_num, 0)[0])
 t0 = run_t0 = time.time()
@@ -416,8 +391,8 @@ while True:
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and evaluates:
         losses = estimate_loss()
-        what = "loss" if mode == "ar" else "any-order bound"
         if master:
+            what = "loss" if mode == "ar" else "any-order bound"
             print(f"step {iter_num}: train {what} {losses['train']:.4f}, val {what} {losses['val']:.4f}")
         if not math.isfinite(losses["val"]):
             sys.exit(f"error: val loss is {losses['val']} at iteration {iter_num}; not saving. "
@@ -426,8 +401,6 @@ while True:
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0:
                 save_run()
-                if master:
-                    print(f"saved checkpoint to {out_dir}")
     if iter_num >= max_iters or eval_only:
         break
 
@@ -460,8 +433,7 @@ while True:
         if not math.isfinite(lossf):
             sys.exit(f"error: loss is {lossf} at iteration {iter_num}; stopping without saving. "
                      f"Lower learning_rate; the last good checkpoint is kept")
-        dt = (time.time() - t0) / log_interval
-        t0 = time.time()
+        dt, t0 = (time.time() - t0) / log_interval, time.time()
         if master:  # the time left, at this run's pace so far (evaluations and compilation included)
             left = (time.time() - run_t0) / (iter_num - iter_start) * (max_iters - iter_num)
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "

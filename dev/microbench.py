@@ -1,21 +1,25 @@
 """
 Micro-benchmarks, and the one check to run on a GPU: what bench.py's decoding speed rests on.
 
-    python microbench.py --mode=linear                      # this machine: matmul peak, memory copy, and F.linear
-                                                            # of M rows (1..16) by a 3072x1024 weight
-    python microbench.py --mode=forward --shape=qwen3-0.6b  # forwards of 1..16 tokens against a KV cache, beside
-                                                            # the roofline floor (--out_dir=<run> --with_qwen=True: both)
-    python microbench.py --out_dir=out-tasks-dlm --mode=train   # a training step: AR vs dLM, MFU
-    python microbench.py --out_dir=out-tasks-dlm --mode=hf  # our AR decoding vs transformers' generate
-    python microbench.py --mode=gpu                         # the GPU check (a few minutes, nothing to download)
-    python microbench.py --out_dir=out-tasks-dlm --mode=by_distance   # why some answers decode in parallel: accuracy
-                                                            # and confidence by distance from the last clean token
+    python dev/microbench.py --mode=linear                      # this machine: matmul peak, memory copy, and
+                                                                # F.linear of M rows (1..16) by a 3072x1024 weight
+    python dev/microbench.py --mode=forward --shape=qwen3-0.6b  # forwards of 1..16 tokens against a KV cache,
+                                                                # beside the roofline floor (--out_dir=<run>
+                                                                # --with_qwen=True: both)
+    python dev/microbench.py --out_dir=out-tasks-dlm --mode=train   # a training step: AR vs dLM, MFU
+    python dev/microbench.py --out_dir=out-tasks-dlm --mode=hf  # our AR decoding vs transformers' generate
+    python dev/microbench.py --mode=gpu                         # the GPU check (a few minutes, nothing to download)
+    python dev/microbench.py --out_dir=out-tasks-dlm --mode=by_distance   # why some answers decode in parallel:
+                                                                # accuracy and confidence by distance from the last
+                                                                # clean token
 
-The modes that take a shape from a run read --out_dir (any checkpoint); --shape=qwen3-0.6b or
-tiny uses a random model of that shape instead. The last line printed is one JSON object.
+It runs from the repository root. The modes that take a shape from a run read --out_dir (any
+checkpoint); --shape=qwen3-0.6b or tiny uses a random model of that shape instead. The last line
+printed is one JSON object.
 """
 
 import json
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -23,12 +27,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from bench import median_seconds, seconds_in_rounds
-from checkpoint import CheckpointError, load_run
-from configurator import describe_device, load_config, resolve_device
-from decode import (Decoding, compiled_span_logits, cpu_has_bf16, generate_ar, generate_block, span_logits, step_model,
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from checkpoint import CheckpointError, load_run  # noqa: E402
+from configurator import load_config, resolve_device  # noqa: E402
+from decode import (Decoding, compiled_span_logits, generate_ar, generate_block, span_logits, step_model,  # noqa: E402
                     stream_rule)
-from model import ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, training_mask
+from machine import cpu_has_bf16, describe_device, median_seconds, seconds_in_rounds  # noqa: E402
+from model import (ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, hf_name,  # noqa: E402
+                   training_mask)
 
 # -----------------------------------------------------------------------------
 mode = "linear"                     # 'linear', 'forward', 'train', 'hf', 'gpu' or 'by_distance'
@@ -324,7 +330,6 @@ def bench_hf(c, opt):
         from transformers import Qwen3Config, Qwen3ForCausalLM
     except ImportError:
         sys.exit("error: --mode=hf needs transformers (pip install transformers)")
-    from convert_qwen import hf_name
     device = opt.device
     ours = Transformer(ModelConfig(**dict(vars(c), qk_norm=True, qkv_bias=False))).to(device).eval()
     hf = Qwen3ForCausalLM(Qwen3Config(

@@ -4,9 +4,11 @@ conversion of the shipped AR model (pretrained/tasks-ar) on the lesson's three t
 same iterations, learning-rate schedule and seeds, that differs from config/ablate/reference.py
 in one thing.
 
-    python ablate.py                              # train and score what is missing, print the tables
-    python ablate.py --only=mask_,reference      # the variants whose names start with these
-    python ablate.py --plot=docs/loss_by_position.png   # and draw the loss by position
+    python dev/ablate.py                              # train and score what is missing, print the tables
+    python dev/ablate.py --only=mask_,reference      # the variants whose names start with these
+    python dev/ablate.py --plot=docs/loss_by_position.png   # and draw the loss by position
+
+It runs from the repository root: the configs, train.py, out-ablate/ and docs/ are found there.
 
 Each (variant, seed) trains into out-ablate/<variant>-s<seed> (a checkpoint there at its last
 iteration is not trained again) and is scored right after. Its scores go to
@@ -48,12 +50,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import bench
-from checkpoint import CheckpointError, load_checkpoint, load_run
-from configurator import configure, describe_device, load_config, resolve_device
-from decode import Decoding
-from model import diffusion_logits, training_mask
-from problems import load_problems
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from checkpoint import CheckpointError, load_checkpoint, load_run  # noqa: E402
+from configurator import configure, load_config, require, resolve_device  # noqa: E402
+from decode import Decoding  # noqa: E402
+from machine import describe_device  # noqa: E402
+from model import diffusion_logits, training_mask  # noqa: E402
+from problems import decoder, evaluate, load_problems, val_row, val_windows  # noqa: E402
 
 # -----------------------------------------------------------------------------
 ar_dir = "pretrained/tasks-ar"      # the AR model every config converts (their init_from)
@@ -72,7 +75,7 @@ jobs = 1                            # runs at once (each trains in its own train
 
 JUDGE = 0.9  # the reference's threshold whose tokens per forward the comparisons are matched at
 SCORING = threading.Lock()
-BEGIN, END = "<!-- ablate.py writes from here -->", "<!-- ablate.py writes up to here -->"
+BEGIN, END = "<!-- dev/ablate.py writes from here -->", "<!-- dev/ablate.py writes up to here -->"
 # (variant, its reference, the paper's direction for the variant: +1 better, -1 worse, 0 not
 # measured there, and the paper's figures)
 COMPARISONS = [
@@ -176,12 +179,12 @@ def compute_scores(out, ar, device):
     run = load_run(out, device)
     problems = load_problems(run.config["dataset"], run.meta, n_test)
     B = run.recipe.block_size
-    val = bench.val_row(ar.model, run, n_windows=160, seed=1337, device=device)  # bench.py's own val windows
-    ar_score = bench.evaluate(bench.decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
+    val = val_row(ar.model, run, n_windows=160, seed=1337, device=device)  # bench.py's own val windows
+    ar_score = evaluate(decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
     result = dict(bound=val["dlm_bound"], ar_loss=val["ar_loss"], ar_acc=ar_score["average"], n_test=len(problems), block=B,
                   budget=f"{run.config['max_iters']} iterations of batch {run.config['batch_size']} on "
                          f"{run.config['dataset']}")
-    windows, answers = bench.val_windows(ar.model, run, 160, device)
+    windows, answers = val_windows(ar.model, run, 160, device)
     result.update(loss_by_position(ar.model, run.model, run.recipe, windows[:, :-1],
                                    None if answers is None else answers[:, :-1]))
     blocks = [B] + ([16] if os.path.basename(out).startswith("block_") and B != 16 else [])
@@ -189,8 +192,8 @@ def compute_scores(out, ar, device):
         recipe = dataclasses.replace(run.recipe, block_size=block)
         for th in thresholds:
             t0 = time.perf_counter()
-            decode = bench.decoder(run.model, recipe, Decoding(threshold=th, end_ids=run.end_ids))
-            r = bench.evaluate(decode, problems, run.tokenizer())
+            decode = decoder(run.model, recipe, Decoding(threshold=th, end_ids=run.end_ids))
+            r = evaluate(decode, problems, run.tokenizer())
             key = f"b{block}" if block != B else ""
             result[f"acc{th}{key}"], result[f"tpf{th}{key}"] = r["average"], r["tokens_per_forward"]
             if th == JUDGE and not key:
@@ -257,6 +260,8 @@ def parse_seeds(text, flag):
 
 
 def main():
+    if not os.path.isdir(os.path.join("config", "ablate")):
+        sys.exit("error: no config/ablate here: run python dev/ablate.py from the repository root")
     order = ["reference"] + [c[0] for c in COMPARISONS]  # the reference, then the table's order, then any others
     every = sorted((f[:-3] for f in os.listdir(os.path.join("config", "ablate")) if f.endswith(".py")),
                    key=lambda v: (order.index(v) if v in order else len(order), v))
@@ -269,7 +274,7 @@ def main():
     if jobs < 1:
         sys.exit(f"error: jobs must be at least 1, got {jobs} (--jobs)")
     if plot:
-        bench.need_matplotlib()
+        require("matplotlib", "--plot")
         if "reference" not in variants:
             sys.exit(f"error: --plot draws the reference's loss by position; --only={only!r} leaves it out")
     dev = resolve_device(device)
@@ -413,8 +418,8 @@ def draw_loss_by_position(records, path):
 def write_report(path, lines):
     """The sweep's tables into the markdown file at path, between its marker lines; the text
     around them is left as it is (a file without them gets a short header)."""
-    command = "python ablate.py" + (f" --train_args={train_args!r}" if train_args else "")
-    block = (f"{BEGIN}\nThe tables below are the output of `{command}`, written by ablate.py; edit the script, not "
+    command = "python dev/ablate.py" + (f" --train_args={train_args!r}" if train_args else "")
+    block = (f"{BEGIN}\nThe tables below are the output of `{command}`, written by dev/ablate.py; edit the script, not "
              f"them.\n\n```\n" + "\n".join(lines) + f"\n```\n{END}")
     try:
         with open(path, encoding="utf-8") as f:

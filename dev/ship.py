@@ -3,22 +3,24 @@ Copy a trained run into a folder that travels with the repository: the weights o
 without the optimizer state (a third of the size), in the same checkpoint format, so sample.py,
 bench.py, train.py (--init_from) and convert_qwen.py read it like any run.
 
-    python ship.py --out_dir=out-tasks-ar --to=pretrained/tasks-ar
-    python ship.py --out_dir=out-tasks-dlm --to=pretrained/tasks-dlm --source=pretrained/tasks-ar
+    python dev/ship.py --out_dir=out-tasks-ar --to=pretrained/tasks-ar
+    python dev/ship.py --out_dir=out-tasks-dlm --to=pretrained/tasks-dlm --source=pretrained/tasks-ar
 
 The copy keeps what made the run (command, commit, machine, settings) and adds how it was
 shipped. --source replaces the dLM's record of its AR run, so bench.py finds the shipped AR model
-as its baseline; give it as a path relative to the repository.
+as its baseline; give it as a path relative to the repository root, where this runs from.
 """
 
 import os
-import shutil
 import sys
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from configurator import code_commit, load_config
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from configurator import load_config  # noqa: E402
+from machine import code_commit  # noqa: E402
+from tokenizer import copy_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = "out-tasks-ar"    # the trained run
@@ -51,8 +53,6 @@ if __name__ == "__main__":
         save_checkpoint(shipped(checkpoint, out_dir, source), os.path.join(to, "ckpt.pt"))
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    for f in ("tokenizer.tiktoken", "tokenizer.json"):  # a converted Qwen run's tokenizer travels beside it
-        if os.path.exists(os.path.join(out_dir, f)):
-            shutil.copy(os.path.join(out_dir, f), os.path.join(to, f))
+    copy_tokenizer(out_dir, to)  # a converted Qwen run's tokenizer travels beside it
     size = os.path.getsize(os.path.join(to, "ckpt.pt"))
     print(f"{out_dir} -> {to}/ckpt.pt ({size / 2 ** 20:.1f} MiB, weights only, float32)")
