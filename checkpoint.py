@@ -102,7 +102,8 @@ def resume_refusal(checkpoint, path, settings, defaults):
     saved = checkpoint["config"]
     used = removed_option(saved)
     if used:
-        return f"{path} was trained with {used}, an option this version removed; it cannot be resumed: start a new run (a new --out_dir)"
+        return (f"{path} was trained with {used}, an option this version removed; it cannot be resumed: start a new "
+                f"run (a new --out_dir)")
     for key in ("dataset", "answers_only", "align_windows", "seed", "lora_rank", "lora_alpha", "lora_train_others"):
         if settings[key] != saved.get(key, defaults[key]):
             return (f"resuming a run trained with {key}={saved.get(key, defaults[key])!r} but {key}={settings[key]!r} "

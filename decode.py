@@ -270,6 +270,7 @@ def compiled_span_logits(frozen=False, dynamic=False):
 # caches: there the CPU's compiled steps take the kernels that keep a block of rows at about the cost
 # of one row (docs/speed.md measured the crossing between 34 and 118 MB).
 LARGE_WEIGHTS = 64 * 2 ** 20
+BF16_COPIES = weakref.WeakKeyDictionary()  # model -> (its weights' identity, its bfloat16 copy), while the model lives
 
 
 def step_model(model, decoding):
@@ -293,5 +294,3 @@ def step_model(model, decoding):
         kept = BF16_COPIES[model] = (key, copy.deepcopy(model).to(torch.bfloat16))
     return kept[1], True
 
-
-BF16_COPIES = weakref.WeakKeyDictionary()  # model -> (its weights' identity, its bfloat16 copy), while the model lives
