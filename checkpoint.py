@@ -4,7 +4,8 @@ A run's checkpoint, <out_dir>/ckpt.pt, written atomically and read safely by eve
 It holds plain values and tensors only: the weights ("model", the state dict of a plain
 Transformer), the architecture ("model_args"), the block-diffusion recipe ("recipe", None for an
 AR model), the run's settings ("config"), its vocabulary ("meta"), and what training needs to
-continue exactly ("optimizer", "iter_num", "best_val_loss", and "lora" for a LoRA run).
+continue exactly ("optimizer", "iter_num", "best_val_loss", and "lora" for a LoRA run). Which
+settings a resumed run must keep is decided here too (resume_refusal), from what the file holds.
 """
 
 import os
@@ -108,13 +109,19 @@ def resume_refusal(checkpoint, path, settings, defaults):
         if settings[key] != saved.get(key, defaults[key]):
             return (f"resuming a run trained with {key}={saved.get(key, defaults[key])!r} but {key}={settings[key]!r} "
                     f"was given; resume with the run's own config file")
-    old, new = recipe_of(checkpoint, path), settings["recipe"]
-    if old != new:  # in the settings' words: mode, or the recipe fields that differ (the pattern is --attention)
-        keys = [k for k in asdict(old) if getattr(old, k) != getattr(new, k)] if old and new else []
-        shown = lambda r: f"mode={'dlm' if r else 'ar'!r}" if not keys else ", ".join(
-            f"{'attention' if k == 'pattern' else k}={getattr(r, k)!r}" for k in keys)
-        return f"resuming a run trained with {shown(old)} but {shown(new)} was given; resume with the run's own config file"
-    return None
+    try:
+        old, new = recipe_of(checkpoint, path), settings["recipe"]
+    except CheckpointError as e:
+        return str(e)
+    if old == new:
+        return None
+    if old is None or new is None:
+        was, given = (f"mode={'ar' if r is None else 'dlm'!r}" for r in (old, new))
+    else:  # the fields that differ, by the settings' names
+        keys = [k for k in asdict(old) if getattr(old, k) != getattr(new, k)]
+        name = dict(pattern="attention", mask_id="the data's mask_id")
+        was, given = (", ".join(f"{name.get(k, k)}={getattr(r, k)!r}" for k in keys) for r in (old, new))
+    return f"resuming a run trained with {was} but {given} was given; resume with the run's own config file"
 
 
 def recipe_record(recipe):

@@ -8,6 +8,7 @@ which applies the command line in order: a bare `config/x.py` runs that file and
 settings it assigns, `--key=value` sets one setting (the value read as a Python literal, else
 kept as a string). A key that is not a setting, or a value of another type than the setting's,
 is a one-line error naming the key. `--help` lists the settings with their values and comments.
+A setting that names a device or a dtype is resolved here, and `require` checks an optional package.
 """
 
 import ast
@@ -63,8 +64,7 @@ def settings(path):
 
 
 def _close_file(path):
-    """' (did you mean ...?)' for a config file path that is misspelled, among the .py files
-    beside where it points and in config/ and its folders."""
+    """' (did you mean ...?)' for a misspelled config file: the .py files beside it, in config/ and below."""
     folders = {os.path.dirname(path) or ".", "config"} | {os.path.join("config", d) for d in
                                                           (os.listdir("config") if os.path.isdir("config") else [])}
     files = [os.path.join(d, f) if d != "." else f for d in folders if os.path.isdir(d) for f in os.listdir(d)
@@ -143,7 +143,8 @@ def load_config(scope, nullable=()):
     asks = [i for i, a in enumerate(argv) if a in ("-h", "--help") or a.startswith("--help=")]
     if asks:  # the settings as the config files and flags before --help leave them
         config = configure(defaults, argv[:asks[0]], nullable)
-        sys.exit(print(_help(os.path.relpath(scope["__file__"]), scope.get("__doc__"), table, config)))
+        print(_help(os.path.relpath(scope["__file__"]), scope.get("__doc__"), table, config))
+        sys.exit(0)
     config = configure(defaults, argv, nullable)
     scope.update(config)
     return config
@@ -176,13 +177,10 @@ def resolve_device(device):
     return device
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 def dtype_of(name):
     """The torch dtype of a --dtype value other than 'auto'; a ValueError naming the flag for anything else."""
-    if name not in DTYPES[1:]:
-        raise ValueError(f"dtype must be one of {', '.join(repr(n) for n in DTYPES)}, got {name!r} (--dtype)")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got {name!r} (--dtype)")
     return getattr(torch, name)
 
 

@@ -49,7 +49,7 @@ class ModelConfig:
         if self.head_dim == 0:
             self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (--n_kv_head)")
 
 
 @dataclass(frozen=True)

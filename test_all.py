@@ -597,7 +597,7 @@ def test_linear_microbenchmark_names_the_machine():
 
 
 def test_gpu_check_runs_on_a_cpu():
-    """The one prepared GPU check (microbench.py --mode=gpu) runs on a CPU with a tiny shape, so it
+    """The one prepared GPU check (dev/microbench.py --mode=gpu) runs on a CPU with a tiny shape, so it
     cannot rot: FlexAttention against the dense mask, the training steps, the forward ratio and
     the decode steps, one JSON line."""
     code, out, err = run("dev/microbench.py", "--mode=gpu", "--device=cpu", "--cache_len=64", "--forward_block=8",
@@ -802,7 +802,8 @@ def bad_inputs(d, ckpt):
     """(what, command line, words the one-line error must contain) for each bad input."""
     data = d / "data"
     for name, meta_edit, tokens in [("empty", {}, []), ("bigids", {"vocab_size": 10}, list(range(60)) * 3),
-                                    ("nomask", {"mask_id": 99}, list(range(10)) * 20)]:
+                                    ("nomask", {"mask_id": 99}, list(range(10)) * 20),
+                                    ("notokenizer", {"tokenizer": "tiktoken"}, list(range(10)) * 20)]:
         os.makedirs(data / name, exist_ok=True)
         meta = json.loads((data / "shakespeare_char" / "meta.json").read_text())
         (data / name / "meta.json").write_text(json.dumps(dict(meta, **meta_edit)))
@@ -849,6 +850,9 @@ def bad_inputs(d, ckpt):
         ("dtype int8 (sample)", ["sample.py", f"--out_dir={ckpt.name}", "--dtype=int8"], ["int8", "--dtype"]),
         ("unknown dataset", ["train.py", *T, "--dataset=nowhere"], ["no dataset 'nowhere'", "--dataset"]),
         ("attention", ["train.py", *T, "--mode=dlm", "--block_size=8", "--attention=blok"], ["blok", "--attention"]),
+        ("attention, before the data", ["train.py", *T, "--mode=dlm", "--attention=blok", "--dataset=nope"], ["blok", "--attention"]),
+        ("heads", ["train.py", *T, "--n_kv_head=3"], ["n_kv_head=3", "--n_kv_head"]),
+        ("a Qwen dataset without its tokenizer", ["train.py", *T, "--dataset=notokenizer"], ["tokenizer", "--dataset"]),
         ("wrong type after a config", ["train.py", "c.py", "--max_iters=abc"], ["max_iters", "1700", "abc"]),
         ("missing prompt file", ["sample.py", f"--out_dir={ckpt.name}", "--start=FILE:nope.txt"], ["nope.txt", "--start"]),
         ("prompt outside the vocabulary", ["sample.py", f"--out_dir={ckpt.name}", "--start=\u00e6\u00f8"], ["vocabulary", "--start"]),
@@ -1410,7 +1414,7 @@ def test_export_of_a_character_run(workdir, tmp_path):
 
 
 def test_shipped_copies_are_weights_only_and_work_like_runs(workdir):
-    """ship.py: the copy holds the weights (float32, equal), the record of the run and of the
+    """dev/ship.py: the copy holds the weights (float32, equal), the record of the run and of the
     shipping, no optimizer state; the dLM names the shipped AR copy, which bench.py then takes as
     its baseline; sample.py, train.py --init_from and convert_qwen.py --to_hf read the copies;
     resuming one is a one-line error."""
@@ -1425,7 +1429,7 @@ def test_shipped_copies_are_weights_only_and_work_like_runs(workdir):
         b = torch.load(workdir / copy / "ckpt.pt", weights_only=True)
         assert "optimizer" not in b and "optimizer" in a
         assert all(torch.equal(a["model"][k], b["model"][k]) and b["model"][k].dtype == torch.float32 for k in a["model"])
-        assert b["provenance"]["command"] == a["provenance"]["command"] and "ship.py" in b["provenance"]["shipped"]["command"]
+        assert b["provenance"]["command"] == a["provenance"]["command"] and "dev/ship.py" in b["provenance"]["shipped"]["command"]
         assert (b["meta"], b["model_args"], b["recipe"]) == (a["meta"], a["model_args"], a["recipe"])
     assert torch.load(workdir / "shipped/dlm/ckpt.pt", weights_only=True)["config"]["init_from"] == "shipped/ar"
     code, out, err = run("bench.py", "--out_dir=shipped/dlm", "--thresholds=0.9", "--batch_sizes=1", "--repeats=1",
@@ -1472,7 +1476,7 @@ def test_lora():
 
 
 # ----------------------------------------------------------------------------------------
-# the paper in miniature: ablate.py
+# the paper in miniature: dev/ablate.py
 
 ABLATIONS = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "config", "ablate")) if f.endswith(".py"))
 
@@ -1489,7 +1493,7 @@ def test_ablation_verdicts():
 
 
 def test_loss_by_position_is_the_first_decoding_step_and_the_next_token_loss():
-    """ablate.py's loss by position against the decoder and a one-token-at-a-time loop: the dLM's
+    """dev/ablate.py's loss by position against the decoder and a one-token-at-a-time loop: the dLM's
     at position i is the loss of the logits decoding computes for i when its block is all masked
     and every earlier block clean (no cache); the AR model's is its next-token loss; each averaged
     over the windows where i is an answer token."""
@@ -1517,7 +1521,7 @@ def test_loss_by_position_is_the_first_decoding_step_and_the_next_token_loss():
 
 
 def test_every_ablation_config_runs(tmp_path):
-    """ablate.py over every config in config/ablate, 2 iterations each from a tiny AR run on the
+    """dev/ablate.py over every config in config/ablate, 2 iterations each from a tiny AR run on the
     task data: each run's checkpoint has the one setting its config changes, the table names
     every variant and the loss by position, and a second call trains nothing again and reads the
     saved scores back, unless what they were computed for has changed."""

@@ -31,7 +31,7 @@ from configurator import load_config, resolve_device, resolve_dtype
 from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
 from machine import code_commit, describe_device
 from model import ModelConfig, Recipe, Transformer, answer_maskable, diffusion_bound, diffusion_loss, training_mask
-from tokenizer import copy_tokenizer
+from tokenizer import TOKENIZER_FILES, copy_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: override them with config/x.py files and --key=value (--help lists them)
@@ -96,12 +96,19 @@ seed = 1337                 # seeds the initialisation, the batches and the mask
 backend = "nccl"            # DDP backend on CUDA ('gloo' is used on CPU)
 fsdp = False                # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 # -----------------------------------------------------------------------------
-defaults = dict(globals())  # the settings as written above, before the command line changes them
+defaults = {k: v for k, v in globals().items() if not k.startswith("_")}  # the settings above, before any flag
 config = load_config(globals(), nullable={"mask_half_life"})
 # -----------------------------------------------------------------------------
 
 if mode not in ("ar", "dlm"):
     sys.exit(f"error: mode must be 'ar' or 'dlm', got '{mode}' (--mode)")
+try:  # the block-diffusion recipe, built once (it checks itself); its mask token comes with the data, below
+    recipe = Recipe(block_size=block_size, pattern=attention, token_shift=token_shift, mask_half_life=mask_half_life,
+                    t_eps=t_eps) if mode == "dlm" else None
+except ValueError as e:
+    sys.exit(f"error: {e}")
+if recipe and context_len % block_size:
+    sys.exit(f"error: block_size {block_size} must divide context_len {context_len}, the blocks' grid (--block_size)")
 if init_from != "resume" and not overwrite and not eval_only and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
     sys.exit(f"error: {out_dir} already holds a checkpoint, which this run would replace; pass another --out_dir, "
              f"--init_from=resume to continue it, or --overwrite=True to replace it")
@@ -110,7 +117,7 @@ ptdtype = resolve_dtype(dtype, device)
 
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
-rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
 if ddp:
     init_process_group(backend=backend if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
@@ -142,14 +149,9 @@ with open(meta_path) as f:
 if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
     sys.exit(f"error: {meta_path} has mask_id {meta.get('mask_id')} outside the vocabulary of {meta['vocab_size']}; "
              f"a dLM needs a mask token: run the dataset's prepare.py again")
-# the block-diffusion recipe, built once (it checks itself): the loss, the bound and (from the checkpoint) the decoder read it
-try:
-    recipe = Recipe(block_size=block_size, mask_id=meta["mask_id"], pattern=attention, token_shift=token_shift,
-                    mask_half_life=mask_half_life, t_eps=t_eps) if mode == "dlm" else None
-except ValueError as e:
-    sys.exit(f"error: {e}")
-if recipe and context_len % block_size:
-    sys.exit(f"error: block_size {block_size} must divide context_len {context_len} (blocks lie on a fixed grid)")
+recipe = recipe and Recipe(**dict(recipe_record(recipe), mask_id=meta["mask_id"]))  # read by the loss, bound, decoder
+if meta.get("tokenizer") == "tiktoken" and not all(os.path.exists(os.path.join(data_dir, f)) for f in TOKENIZER_FILES):
+    sys.exit(f"error: {data_dir} lacks its tokenizer ({', '.join(TOKENIZER_FILES)}); run its prepare.py again (--dataset)")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
@@ -229,7 +231,7 @@ if init_from != "scratch":
                                         # path keeps working when the repository moves)
 try:
     model = Transformer(ModelConfig(**model_args)) if checkpoint is None else model_from(checkpoint, ckpt_path, **model_args)
-except CheckpointError as e:
+except (CheckpointError, ValueError) as e:  # ValueError: an architecture that does not hold together
     sys.exit(f"error: {e}")
 if lora_rank:
     add_lora(model, lora_rank, lora_alpha, lora_train_others)
@@ -240,9 +242,8 @@ if master:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{model.num_params() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), mode={mode}"
           + (f", attention={attention}, block_size={block_size}" if mode == "dlm" else ""))
-    # what the run will hold besides activations: weights, gradients and AdamW's two moments (fp32)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     size = lambda n: f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # gradients and AdamW's moments: fp32
     print(f"memory before activations, per process: weights {size(weights)} + gradients {size(n_train * 4)} "
           f"+ AdamW moments {size(n_train * 8)}")
 
@@ -296,8 +297,7 @@ if ddp and not fsdp:
     train_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
                       broadcast_buffers=False)
 
-# On CUDA, attention masks are FlexAttention BlockMasks (tiles that are fully masked are skipped);
-# on CPU, dense boolean masks from the same rule. The AR mask is the same every step: built once.
+# attention masks: FlexAttention BlockMasks on CUDA (fully masked tiles skipped), dense on CPU; the AR one built once
 flex = device_type == "cuda"
 causal_mask = training_mask("causal", 1, context_len, device, flex)
 

@@ -179,7 +179,7 @@ def compute_scores(out, ar, device):
     run = load_run(out, device)
     problems = load_problems(run.config["dataset"], run.meta, n_test)
     B = run.recipe.block_size
-    val = val_row(ar.model, run, n_windows=160, seed=1337, device=device)  # bench.py's own val windows
+    val = val_row(ar.model, run, n_windows=160, seed=1337, device=device)  # the val windows bench.py scores
     ar_score = evaluate(decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
     result = dict(bound=val["dlm_bound"], ar_loss=val["ar_loss"], ar_acc=ar_score["average"], n_test=len(problems), block=B,
                   budget=f"{run.config['max_iters']} iterations of batch {run.config['batch_size']} on "
