@@ -119,6 +119,34 @@ def train_flops(cfg, L, pattern, block):
     return 3 * (linear + attention)
 
 
+def flex_has_backward(device):
+    """Whether FlexAttention has a backward on this device (not on a CPU in torch 2.11-2.13). Asked of
+    the eager function: a compiled call that raises would leave it uncompiled for the process."""
+    from torch.nn.attention.flex_attention import flex_attention
+    try:
+        flex_attention(*[torch.zeros(1, 1, 128, 16, device=device, requires_grad=True)] * 3).sum().backward()
+        return True
+    except NotImplementedError:  # "FlexAttention does not support backward on CPU"
+        return False
+
+
+def flex_step_vs_dense(model, recipe, x):
+    """One training step's loss and gradients through FlexAttention (the model's BlockMask path)
+    against the dense mask, the same masks drawn: the difference of the loss over the loss, and of
+    any gradient over the largest gradient. Gradients None where FlexAttention has no backward."""
+    backward, out = flex_has_backward(x.device), {}
+    for flex in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(backward):
+            loss = diffusion_loss(model, x, recipe, generator=torch.Generator(x.device).manual_seed(0), flex=flex)
+        if backward:
+            loss.backward()
+        out[flex] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]) if backward else None)
+    (loss, grads), (flex_loss, flex_grads) = out[False], out[True]
+    return dict(loss=abs(loss - flex_loss).item() / abs(loss).item(),
+                grads=((grads - flex_grads).abs().max() / grads.abs().max()).item() if backward else None)
+
+
 def train_rows(cfg, recipe, variants, opt):
     """Tokens/s, MFU and peak memory of a training step of a random model of shape cfg, for each
     (pattern, flex, lora, compiled) variant: AR (causal) or the recipe's dLM layout, the dense mask
@@ -234,10 +262,12 @@ def bench_forward(shapes, opt):
                 lin, _ = median_seconds(lambda: linear(x), 50, opt.device, warmup=5)
             floor = max(1.0, 2 * M * n_weights * rate / (weight_bytes * flops))
             row = dict(shape=name, M=M, linear_ms=round(1000 * lin, 4), forward_ms=round(ms[M], 3),
-                       over_token=round(ms[M] / ms[opt.rows[0]], 3), roofline_floor=round(floor, 3))
+                       over_token=round(ms[M] / ms[opt.rows[0]], 3), roofline_floor=round(floor, 3), weights=n_weights,
+                       weight_bytes=weight_bytes)
             result.append(row)
             print(f"{M:4d}{row['linear_ms']:11.3f}{row['forward_ms']:12.2f}{row['over_token']:10.2f}{floor:7.2f}")
-    return dict(forward=result, cpu=describe_device(opt.device), dtype=str(dtype)[6:], compile=opt.compile)
+    return dict(forward=result, cpu=describe_device(opt.device), dtype=str(dtype)[6:], compile=opt.compile,
+                matmul_gflops=round(flops / 1e9, 3), copy_gb_per_s=round(rate / 1e9, 3))
 
 
 TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=24, intermediate_size=128,
@@ -246,7 +276,8 @@ TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_di
 
 def bench_gpu(opt):
     """The one check to run when a GPU is at hand (a few minutes on one H100/H200, nothing to
-    download): FlexAttention against the dense mask for every pattern (bf16, compiled); a
+    download): FlexAttention against the dense mask for every pattern (bf16, compiled), and a
+    training step's loss and gradients through it against the dense mask's; a
     training step of a random Qwen3-0.6B-shaped model, AR and dLM, dense and FlexAttention,
     compiled, all weights and LoRA; a block forward over a token forward, eager and compiled with
     CUDA graphs; the decode steps. On a CPU, --shape=tiny runs the same code in seconds."""
@@ -289,6 +320,18 @@ def bench_gpu(opt):
             raise AssertionError(f"FlexAttention differs from the dense mask: {out}")
         return out
 
+    def flex_step():  # the training step through FlexAttention (backward: a GPU only) against the dense mask
+        model = Transformer(ModelConfig(**dict(vars(cfg), n_layer=2, context_len=512 if cuda else 64))).to(opt.device)
+        x = torch.randint(0, recipe.mask_id, (2, model.config.context_len), device=opt.device)
+        with torch.autocast("cuda", dtype=dtype, enabled=cuda and dtype == torch.bfloat16):
+            out = flex_step_vs_dense(model, recipe, x)
+        grads = "- (no backward on this device)" if out["grads"] is None else f"{out['grads']:.1e}"
+        print(f"a training step through FlexAttention against the dense mask, relative difference: loss "
+              f"{out['loss']:.1e}, gradients {grads}")
+        if max(out["loss"], out["grads"] or 0.0) > (3e-2 if dtype == torch.bfloat16 else 1e-4):
+            raise AssertionError(f"the training step through FlexAttention differs from the dense mask: {out}")
+        return out
+
     def training():  # (FlexAttention has no backward on a CPU: dense masks only there)
         c = ModelConfig(**dict(vars(cfg), context_len=1024 if cuda else 64))
         variants = [(p, flex, False, opt.compile) for p in ("causal", "block") for flex in ((False, True) if cuda else (False,))]
@@ -318,7 +361,8 @@ def bench_gpu(opt):
         print("decode steps, ms per forward at batch 1: " + ", ".join(f"{k.removesuffix('_ms_per_forward')} {v}" for k, v in rows.items()))
         return rows
 
-    for name, fn in (("flex_vs_dense", flex_vs_dense), ("train", training), ("forward", forward), ("decode", decode)):
+    for name, fn in (("flex_vs_dense", flex_vs_dense), ("flex_step", flex_step), ("train", training), ("forward", forward),
+                     ("decode", decode)):
         part(name, fn)
     return result
 
