@@ -119,22 +119,16 @@ def train_flops(cfg, L, pattern, block):
     return 3 * (linear + attention)
 
 
-def flex_has_backward(device):
-    """Whether FlexAttention has a backward on this device (not on a CPU in torch 2.11-2.13). Asked of
-    the eager function: a compiled call that raises would leave it uncompiled for the process."""
-    from torch.nn.attention.flex_attention import flex_attention
-    try:
-        flex_attention(*[torch.zeros(1, 1, 128, 16, device=device, requires_grad=True)] * 3).sum().backward()
-        return True
-    except NotImplementedError:  # "FlexAttention does not support backward on CPU"
-        return False
-
-
 def flex_step_vs_dense(model, recipe, x):
     """One training step's loss and gradients through FlexAttention (the model's BlockMask path)
     against the dense mask, the same masks drawn: the difference of the loss over the loss, and of
     any gradient over the largest gradient. Gradients None where FlexAttention has no backward."""
-    backward, out = flex_has_backward(x.device), {}
+    from torch.nn.attention.flex_attention import flex_attention
+    try:  # asked of the eager function: a compiled call that raises would leave it uncompiled for the process
+        flex_attention(*[torch.zeros(1, 1, 128, 16, device=x.device, requires_grad=True)] * 3).sum().backward()
+        backward, out = True, {}
+    except NotImplementedError:  # "FlexAttention does not support backward on CPU" (torch 2.11-2.13)
+        backward, out = False, {}
     for flex in (False, True):
         model.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(backward):
@@ -276,11 +270,11 @@ TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_di
 
 def bench_gpu(opt):
     """The one check to run when a GPU is at hand (a few minutes on one H100/H200, nothing to
-    download): FlexAttention against the dense mask for every pattern (bf16, compiled), and a
-    training step's loss and gradients through it against the dense mask's; a
-    training step of a random Qwen3-0.6B-shaped model, AR and dLM, dense and FlexAttention,
-    compiled, all weights and LoRA; a block forward over a token forward, eager and compiled with
-    CUDA graphs; the decode steps. On a CPU, --shape=tiny runs the same code in seconds."""
+    download): FlexAttention against the dense mask for every pattern (bf16, compiled), and a training
+    step's loss and gradients through it against the dense mask's; a training step of a random
+    Qwen3-0.6B-shaped model, AR and dLM, dense and FlexAttention, compiled, all weights and LoRA; a
+    block forward over a token forward, eager and compiled with CUDA graphs; the decode steps. On a
+    CPU, --shape=tiny runs the same code in seconds."""
     cuda = opt.device.startswith("cuda")
     # compiled everywhere on a GPU (on a CPU only with --compile=True: compiling is slow there); a short run
     opt = SimpleNamespace(**dict(vars(opt), compile=opt.compile or cuda, train_batch=min(opt.train_batch, 8),
@@ -309,8 +303,7 @@ def bench_gpu(opt):
         L, out = 512 if cuda else 64, {}
         for pattern in ("causal", "block", "block_noisy", "bidirectional"):
             n = 2 * L if pattern == "block" else L
-            idx = torch.randint(0, cfg.vocab_size, (2, n), device=opt.device)
-            pos = torch.arange(n, device=opt.device) % L
+            idx, pos = torch.randint(0, cfg.vocab_size, (2, n), device=opt.device), torch.arange(n, device=opt.device) % L
             dense = model(idx, pos, training_mask(pattern, 16, L, opt.device)).float()
             flex = model(idx, pos, training_mask(pattern, 16, L, opt.device, flex=True)).float()
             out[pattern] = round(((dense - flex).abs().max() / dense.abs().max()).item(), 5)
@@ -325,9 +318,8 @@ def bench_gpu(opt):
         x = torch.randint(0, recipe.mask_id, (2, model.config.context_len), device=opt.device)
         with torch.autocast("cuda", dtype=dtype, enabled=cuda and dtype == torch.bfloat16):
             out = flex_step_vs_dense(model, recipe, x)
-        grads = "- (no backward on this device)" if out["grads"] is None else f"{out['grads']:.1e}"
-        print(f"a training step through FlexAttention against the dense mask, relative difference: loss "
-              f"{out['loss']:.1e}, gradients {grads}")
+        print(f"a training step through FlexAttention against the dense mask, relative difference: loss {out['loss']:.1e}, "
+              f"gradients {'-, no backward here' if out['grads'] is None else format(out['grads'], '.1e')}")
         if max(out["loss"], out["grads"] or 0.0) > (3e-2 if dtype == torch.bfloat16 else 1e-4):
             raise AssertionError(f"the training step through FlexAttention differs from the dense mask: {out}")
         return out
