@@ -261,7 +261,7 @@ def bench_forward(shapes, opt):
             result.append(row)
             print(f"{M:4d}{row['linear_ms']:11.3f}{row['forward_ms']:12.2f}{row['over_token']:10.2f}{floor:7.2f}")
     return dict(forward=result, cpu=describe_device(opt.device), dtype=str(dtype)[6:], compile=opt.compile,
-                matmul_gflops=round(flops / 1e9, 3), copy_gb_per_s=round(rate / 1e9, 3))
+                matmul_gflops=flops / 1e9, copy_gb_per_s=rate / 1e9)
 
 
 TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=24, intermediate_size=128,
