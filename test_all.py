@@ -108,7 +108,13 @@ def compiled_flex(monkeypatch):
     BlockMask lists, as GPU training does (a forward on a CPU: it has no backward there)."""
     import model as model_module
     from torch.nn.attention.flex_attention import flex_attention
-    monkeypatch.setitem(model_module._flex, "fn", torch.compile(flex_attention, dynamic=False))
+    fn, calls = torch.compile(flex_attention, dynamic=False), []
+
+    def counted(*args, **kw):  # the tests check that the FlexAttention path did run
+        calls.append(1)
+        return fn(*args, **kw)
+    monkeypatch.setitem(model_module._flex, "fn", counted)
+    return calls
 
 
 @pytest.mark.parametrize("pattern", ["causal", "block", "block_noisy", "bidirectional"])
@@ -122,13 +128,13 @@ def test_compiled_flex_attention_equals_dense(pattern, compiled_flex):
     pos = torch.arange(n) % L
     mask, dense_mask_ = training_mask(pattern, B, L, "cpu", True), training_mask(pattern, B, L, "cpu")
     tiles = -(-n // 128)
-    padded = F.pad(dense_mask_, (0, tiles * 128 - n, 0, tiles * 128 - n))
+    padded = F.pad(brute_force_mask(pattern, L, B), (0, tiles * 128 - n, 0, tiles * 128 - n))
     needed = padded.view(tiles, 128, tiles, 128).any(3).any(1)  # the tiles with a position to attend to
     listed = (mask.kv_num_blocks + mask.full_kv_num_blocks).sum().item()  # the tiles FlexAttention visits
     with torch.no_grad():
         dense = model(idx, pos, dense_mask_)
         flex = model(idx, pos, mask)
-    assert (dense - flex).abs().max() < 1e-4
+    assert (dense - flex).abs().max() < 1e-4 and len(compiled_flex) == model.config.n_layer
     assert listed == needed.sum().item() and (pattern == "bidirectional" or listed < tiles * tiles)
 
 
@@ -140,8 +146,9 @@ def test_training_loss_through_flex_attention_equals_dense(compiled_flex):
     model = tiny_model(sharp=1.0, context_len=320).float()
     x = torch.randint(0, 23, (2, 320), generator=torch.Generator().manual_seed(0))
     for pattern in ("block", "block_noisy"):
+        calls = len(compiled_flex)
         diff = flex_step_vs_dense(model, Recipe(block_size=16, mask_id=23, pattern=pattern), x)
-        assert diff["loss"] < 1e-6 and (diff["grads"] is None or diff["grads"] < 1e-4), diff
+        assert len(compiled_flex) == calls + model.config.n_layer and diff["loss"] < 1e-5 and (diff["grads"] is None or diff["grads"] < 1e-4), diff
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ def ar_by_hand(model, prompt, n):
     positions counted from the window start."""
     seq = list(prompt)
     for _ in range(n):
-        w = window_start(len(seq) + 1, model.config.context_len, 1)
+        w = window_start(len(seq), model.config.context_len, 1)  # hi: the position generated
         x = torch.tensor([seq[w:]])
         T = x.size(1)
         seq.append(int(model(x, torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril())[0, -1].argmax()))
@@ -251,8 +258,8 @@ def test_the_window_slides_where_its_definition_says():
     for kv in (True, False):
         out, stats = generate_ar(model, [prompt], 50, Decoding(kv_cache=kv))
         assert out[0] == ar_by_hand(model, prompt, 50) and stats["forward_passes"] == 50  # re-prefills ride along
-    for n in (1, 15):  # AR: positions 45..59 end windows at hi <= 60, all of them from w = 20
-        assert {window_start(45 + i + 1, ctx, 1) for i in range(n)} == {20}
+    for n in (1, 15):  # AR: positions 45..59 are generated from windows that start at 20
+        assert {window_start(45 + i, ctx, 1) for i in range(n)} == {20}
         assert generate_ar(model, [prompt], n)[0][0] == generate_ar(model, [prompt[20:]], n)[0][0]
     recipe = Recipe(block_size=B, mask_id=23)
     for threshold in (1.0, 0.7):  # block: blocks 40-47, 48-55 end at hi <= 56, from w = 16
@@ -263,7 +270,7 @@ def test_the_window_slides_where_its_definition_says():
             assert whole == generate_block(model, [prompt[16:]], 11, recipe, decoding)[0][0]
             assert whole != generate_block(model, [prompt[20:]], 11, recipe, decoding)[0][0]  # off the grid: other tokens
     # threshold 1.0, 11 tokens (45-47, 48-55): one forward each; unfused also the prompt's prefill
-    # (0-39, refilled from 16 by the slide) and the commit of block 40-47, each a forward of its own
+    # (16-39: the first forward has slid already) and the commit of block 40-47, each a forward of its own
     for fuse, forwards in ((True, 11), (False, 13)):
         assert generate_block(model, [prompt], 11, recipe, Decoding(1.0, fuse_commit=fuse))[1]["forward_passes"] == forwards
 
@@ -705,7 +712,7 @@ def test_bench_script_on_text(workdir, trained):
     assert rows["dlm", 0.5, True, 1]["forward_passes"] <= 16
     for (mode, threshold, fuse, bs), r in rows.items():  # the speed-up over the AR row of the same batch size
         ar_tps = rows["ar", None, True, bs]["tokens_per_s"]
-        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.1 / ar_tps * r["speedup_vs_ar"]
+        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.05 * (1 + r["speedup_vs_ar"]) / (ar_tps - 0.05)
     assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 for r in rows.values())
     assert result["val"]["ar_loss"] > 0 and result["val"]["dlm_bound"] > 0
     # the compiled steps beside the eager ones: the same tokens, speed-ups against the AR row of their own kind
@@ -718,7 +725,7 @@ def test_bench_script_on_text(workdir, trained):
     assert rows["ar", True]["same_tokens"] and rows["dlm", True]["same_tokens"]
     for compiled in (False, True):  # against the AR row of its own kind
         r, ar_tps = rows["dlm", compiled], rows["ar", compiled]["tokens_per_s"]
-        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.1 / ar_tps * r["speedup_vs_ar"]
+        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.05 * (1 + r["speedup_vs_ar"]) / (ar_tps - 0.05)
     assert rows["dlm", True]["dtype"] == "float32"  # a small model: its own dtype, the caches hold it
     r = rows["dlm", True]
     assert r["speedup_over_tpf"] == round(r["speedup_vs_ar"] / r["tokens_per_forward"], 3) or abs(
@@ -735,6 +742,9 @@ def test_bench_script_on_text(workdir, trained):
     assert [r["M"] for r in rows] == [1, 9, 2048] and rows[0]["over_token"] == 1.0 and all(r["forward_ms"] > 0 for r in rows)
     assert rows[1]["over_token"] == round(rows[1]["forward_ms"] / rows[0]["forward_ms"], 3) or abs(
         rows[1]["over_token"] - rows[1]["forward_ms"] / rows[0]["forward_ms"]) < 1e-2
+    n_weights = sum(v.numel() for k, v in torch.load(workdir / "out-dlm" / "ckpt.pt", weights_only=True)["model"].items()
+                    if k != "lm_head.weight")  # tied to the embedding: stored twice, one matrix
+    assert all(r["weights"] == n_weights and r["weight_bytes"] == 4 * n_weights for r in rows)
     peaks = last_json(out)  # the floor from its definition: max(1, FLOPs of M rows at the matmul peak over reading the weights)
     for r in rows:
         floor = max(1.0, 2 * r["M"] * r["weights"] * peaks["copy_gb_per_s"] / (r["weight_bytes"] * peaks["matmul_gflops"]))
@@ -873,7 +883,7 @@ def test_resume_is_exact(workdir, mode):
     assert losses(out) + losses(out2)[1:] == straight and len(straight) == 3
     a, b = (checkpoint_tensors(workdir / f"resume-{mode}-{x}" / "ckpt.pt") for x in "ab")
     # LoRA is saved merged: the frozen weight comes back as merged less the adapters' product, equal up
-    # to float rounding (about 1e-7 of the weights); everything else bit for bit
+    # to float rounding (about 1e-7 of the weights); in the other modes everything is bit for bit
     same = (lambda x, y: close_to(x, y, 1e-5)) if mode == "dlm-lora" else torch.equal
     assert len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     ckpt = torch.load(workdir / f"resume-{mode}-a" / "ckpt.pt", weights_only=True)
@@ -884,13 +894,16 @@ def test_a_compiled_run_trains_as_the_eager_one_and_saves_plain_names(workdir, a
     """--compile=True: the checkpoint's weights carry the model's own names (not torch.compile's
     wrapper's '_orig_mod.'), and two dLM steps land where the eager steps land, to float rounding."""
     common = [*TINY, f"--init_from={ar_run.name}", "--mode=dlm", "--block_size=8", "--max_iters=2", "--eval_interval=2",
-              "--eval_iters=1", "--overwrite=True"]
+              "--eval_iters=1", "--warmup_iters=0", "--learning_rate=1e-2", "--overwrite=True"]
     for compiled in (False, True):
         code, out, err = run("train.py", *common, f"--out_dir=compiled-{compiled}", f"--compile={compiled}", cwd=workdir)
         assert code == 0, err
     eager, compiled = (torch.load(workdir / f"compiled-{c}" / "ckpt.pt", weights_only=True) for c in (False, True))
     assert list(compiled["model"]) == list(eager["model"]) and not any("_orig_mod" in k for k in compiled["model"])
-    assert all(close_to(compiled["model"][k], eager["model"][k], 1e-4) for k in eager["model"])
+    start = torch.load(ar_run / "ckpt.pt", weights_only=True)["model"]
+    for k, w in eager["model"].items():  # the compiled steps moved each weight as the eager ones did
+        moved = (w - start[k]).abs().max()
+        assert moved > 1e-3 and (compiled["model"][k] - w).abs().max() <= 1e-3 * moved, k
 
 
 def optimizer_moments(ckpt):
@@ -923,10 +936,11 @@ def test_distributed_equals_one_process_with_accumulation(workdir, ar_run, fsdp)
         two = [line for line in out.splitlines() if line.startswith("iter 1:")]
         assert one[0].split(",")[0] == two[0].split(",")[0]  # 'iter 1: loss x.xxxx'
         a, b = (torch.load(workdir / f"dist-{mode}-{n}" / "ckpt.pt", weights_only=True) for n in (1, 2))
-        assert a["model"].keys() == b["model"].keys() and all(close_to(b["model"][k], a["model"][k]) for k in a["model"])
+        assert a["model"].keys() == b["model"].keys()  # weights to 1% of Adam's step (lr 1e-3), which hides scale: moments tightly
+        assert all((b["model"][k] - a["model"][k]).abs().max() <= 1e-5 for k in a["model"])
         assert any(not torch.equal(a["model"][k], v) for k, v in torch.load(ar_run / "ckpt.pt", weights_only=True)["model"].items())
         ma, mb = optimizer_moments(a), optimizer_moments(b)
-        assert ma.keys() == mb.keys() and {k.rsplit(".", 1)[0] for k in ma} <= set(a["model"]) and all(close_to(mb[k], ma[k], 1e-4) for k in ma)
+        assert ma.keys() == mb.keys() and {k.rsplit(".", 1)[0] for k in ma} <= set(a["model"]) and all(close_to(mb[k], ma[k], 1e-5) for k in ma)
     dist = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common, f"--fsdp={fsdp}",
             "--max_iters=3", "--eval_interval=1"]
     code, out, err = run(*dist, "--out_dir=dist-dlm-2", "--init_from=resume", cwd=workdir)
@@ -944,7 +958,6 @@ def test_distributed_equals_one_process_with_accumulation(workdir, ar_run, fsdp)
 def problems_dataset(d):
     """data/problems: lines of prompt '=' answer and an end token, the answer tokens marked, for
     answers_only and align_windows."""
-    import numpy as np
     g = np.random.default_rng(0)
     tokens, answers = [], []
     for _ in range(300):
@@ -960,36 +973,36 @@ def problems_dataset(d):
     return np.array(tokens), np.array(answers, dtype=bool)
 
 
-@pytest.mark.parametrize("mode", ["ar", "dlm"])
-def test_a_training_step_is_a_hand_written_adamw_step(workdir, mode):
+@pytest.mark.parametrize("mode,clip", [("ar", 0.0), ("ar", 0.3), ("dlm", 0.0), ("dlm", 0.6)])  # norms: 0.28-0.35, 0.42-0.80
+def test_a_training_step_is_a_hand_written_adamw_step(workdir, mode, clip):
     """Three iterations of train.py (2 micro-steps each, answers only, windows aligned to the
-    problems, clipping at 0.5, warm-up then cosine, weight decay on matrices only) against the same
-    steps written out: the batches drawn from the seeds train.py documents, the windows starting
-    right after an end token, the loss of the micro-batches divided by their number, the gradient
-    clipped to norm 0.5, and AdamW by its formulas. The weights and both moments agree."""
+    problems, warm-up then cosine, weight decay on matrices only) against the same steps written
+    out: the batches drawn from the seeds train.py documents, the windows starting right after an
+    end token, the loss of the micro-batches divided by their number, AdamW by its formulas. Without
+    clipping, which would hide a gradient's scale; and with clipping at a norm that some of the
+    steps cross. The weights and both moments agree."""
     tokens, answers = problems_dataset(workdir)
     common = [*TINY, "--dataset=problems", f"--mode={mode}", "--block_size=8", "--answers_only=True", "--align_windows=True",
               "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--gradient_accumulation_steps=2", "--warmup_iters=1",
-              "--grad_clip=0.5", "--weight_decay=0.1", "--overwrite=True"]
-    code, out, err = run("train.py", *common, f"--out_dir=hand-{mode}-0", "--learning_rate=0", "--min_lr=0", cwd=workdir)
+              f"--grad_clip={clip}", "--weight_decay=0.1", "--overwrite=True"]
+    code, out, err = run("train.py", *common, f"--out_dir=hand-{mode}-{clip}-0", "--learning_rate=0", "--min_lr=0", cwd=workdir)
     assert code == 0, err  # learning rate 0: the initial weights
-    code, out, err = run("train.py", *common, f"--out_dir=hand-{mode}", "--learning_rate=1e-2", "--min_lr=1e-3", cwd=workdir)
+    code, out, err = run("train.py", *common, f"--out_dir=hand-{mode}-{clip}", "--learning_rate=1e-2", "--min_lr=1e-3", cwd=workdir)
     assert code == 0, err
-    start, ckpt = (torch.load(workdir / f"hand-{m}" / "ckpt.pt", weights_only=True) for m in (f"{mode}-0", mode))
+    start, ckpt = (torch.load(workdir / f"hand-{mode}-{clip}{e}" / "ckpt.pt", weights_only=True) for e in ("-0", ""))
     model = Transformer(ModelConfig(**start["model_args"]))
     model.load_state_dict(start["model"])
     names = [n for n, _ in model.named_parameters()]
     m, v = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} for _ in range(2))
     recipe, L = Recipe(block_size=8, mask_id=10, token_shift=False), 32
     starts = torch.from_numpy(np.concatenate([[0], np.flatnonzero(tokens == 11) + 1]))
-    starts = starts[starts < len(tokens) - L - 1]
+    starts, norms = starts[starts < len(tokens) - L - 1], []
     for it in range(3):
         lr = 1e-2 * 1 / 2 if it == 0 else 1e-3 + 0.5 * (1 + math.cos(math.pi * (it - 1) / 2)) * (1e-2 - 1e-3)
         model.zero_grad()
         for micro in range(2):
             seed = 1337 + 1_000_003 * (it + 1) + 1009 * micro
             ix = starts[torch.randint(len(starts), (8,), generator=torch.Generator().manual_seed(seed))].tolist()
-            assert all(i == 0 or tokens[i - 1] == 11 for i in ix)  # every window starts a problem
             x = torch.stack([torch.from_numpy(tokens[i:i + L + 1]) for i in ix]).long()
             answer = torch.stack([torch.from_numpy(answers[i:i + L + 1]) for i in ix])
             g = torch.Generator().manual_seed(seed + 500)
@@ -1002,17 +1015,18 @@ def test_a_training_step_is_a_hand_written_adamw_step(workdir, mode):
                 loss = diffusion_loss(model, x[:, :-1], recipe, maskable=maskable, generator=g)
             (loss / 2).backward()
         with torch.no_grad():
-            norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+            norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
             for n, p in model.named_parameters():
-                grad = p.grad * min(1.0, 0.5 / (norm.item() + 1e-6))
+                grad = p.grad * (min(1.0, clip / (norms[-1] + 1e-6)) if clip else 1.0)
                 p.mul_(1 - lr * (0.1 if p.dim() >= 2 else 0.0))
                 m[n] = 0.9 * m[n] + 0.1 * grad
                 v[n] = 0.95 * v[n] + 0.05 * grad ** 2
                 p.sub_(lr * (m[n] / (1 - 0.9 ** (it + 1))) / ((v[n] / (1 - 0.95 ** (it + 1))).sqrt() + 1e-8))
-    close = lambda a, b: (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert not clip or min(norms) < clip < max(norms), norms  # some steps clipped, some not
     state = ckpt["optimizer"]["state"]
     for n, p in model.named_parameters():
-        assert close(p.detach(), ckpt["model"][n]) and close(m[n], state[n]["exp_avg"]) and close(v[n], state[n]["exp_avg_sq"]), n
+        assert close_to(p.detach(), ckpt["model"][n], 1e-4), n
+        assert close_to(m[n], state[n]["exp_avg"], 1e-4) and close_to(v[n], state[n]["exp_avg_sq"], 1e-4), n
         assert not torch.equal(p.detach(), start["model"][n]), n
     assert sorted(state) == sorted(names) and ckpt["iter_num"] == 3
 
@@ -1249,7 +1263,6 @@ def test_help_lists_every_setting(script):
 def test_task_sets_regenerate_from_the_seed_in_meta(tmp_path):
     """What problems.py draws when data/tasks is missing is what prepare.py wrote: the test
     problems in order, and the val tokens byte for byte (another seed, other sizes)."""
-    import numpy as np
     from problems import load_problems, val_tokens
     script = os.path.join(HERE, "data", "tasks", "prepare.py")
     code, out, err = run(script, "--seed=7", "--n_train=50", "--n_val=30", "--n_test=20", f"--out_dir={tmp_path}", cwd=tmp_path)
@@ -1282,7 +1295,6 @@ def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
     assert {p["task"] for p in test} >= {"rev", "sort", "add", "chain"} and len(test) == 30 * len(meta["tasks"])
-    import numpy as np
     train = np.fromfile(tmp_path / "a" / "train.bin", dtype=meta["dtype"]).tolist()
     itos, end = meta["itos"], meta["end_id"]
     answers = np.fromfile(tmp_path / "a" / "train.answers.bin", dtype=np.uint8).tolist()
@@ -1355,10 +1367,10 @@ def test_shipped_models_on_the_first_20_prompts_of_each_task():
         got[name] = (sum(o["correct"] for o in r["outputs"]), sum(o["forwards"] for o in r["outputs"]))
         got[name + "_tpf"] = r["tokens_per_forward"]
     print(got)
-    assert got["ar"][0] >= 95 and got["dlm"][0] >= got["ar"][0] - 2 and got["dlm_tpf"] >= 3.5, got
+    assert got["ar"][0] == got["dlm"][0] == 100 and got["dlm_tpf"] >= 3.5, got
     # AR: one forward per answer token and one for the end token; the prompt's prefill rides in the first
-    assert got["ar"][1] == sum(len(p["answer"]) + 1 for p in problems)
-    assert got["ar"][0] == got["dlm"][0] == 100 and got["dlm"][1] == SHIPPED_DLM_FORWARDS, got
+    assert got["ar"][1] == sum(len(p["answer"]) + 1 for p in problems), got
+    assert got["dlm"][1] == SHIPPED_DLM_FORWARDS, got
 
 
 def test_answer_checker():

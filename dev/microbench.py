@@ -121,14 +121,14 @@ def train_flops(cfg, L, pattern, block):
 
 def flex_step_vs_dense(model, recipe, x):
     """One training step's loss and gradients through FlexAttention (the model's BlockMask path)
-    against the dense mask, the same masks drawn: the difference of the loss over the loss, and of
-    any gradient over the largest gradient. Gradients None where FlexAttention has no backward."""
+    against the dense mask, the same masks drawn: the loss's difference over the loss, and the largest
+    gradient difference over the largest gradient. Gradients None where FlexAttention has no backward."""
     from torch.nn.attention.flex_attention import flex_attention
-    try:  # asked of the eager function: a compiled call that raises would leave it uncompiled for the process
+    backward, out = True, {}
+    try:  # probe the eager function: a compiled call that failed would run uncompiled for the rest of the process
         flex_attention(*[torch.zeros(1, 1, 128, 16, device=x.device, requires_grad=True)] * 3).sum().backward()
-        backward, out = True, {}
     except NotImplementedError:  # "FlexAttention does not support backward on CPU" (torch 2.11-2.13)
-        backward, out = False, {}
+        backward = False
     for flex in (False, True):
         model.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(backward):
