@@ -407,15 +407,12 @@ def test_threshold_one_is_one_token_per_forward_plus_commit_passes():
         assert stats["forward_passes"] == N + (1 + (-(-N // B) - 1)) * (not fuse)
 
 
-class RisingConfidence(torch.nn.Module):
-    """Stands in for a model: predicts token 1 at every position with a confidence that rises with
-    the position, except the end token (2) at position `end`, whose confidence lies between
-    those of positions `between` and `between` + 1. Threshold 1.0 (the single most confident
-    position per forward) then commits right to left, past the end token, as a trained dLM may."""
+class StubModel(torch.nn.Module):
+    """Stands in for a model in the decoders: what they read of one (its device, its context) and a
+    cache that does nothing; a subclass's forward gives the logits."""
 
-    def __init__(self, end, between):
+    def __init__(self):
         super().__init__()
-        self.end, self.between = end, between
         self.embed_tokens = torch.nn.Embedding(1, 1)
         self.config = ModelConfig(context_len=64)
 
@@ -425,12 +422,23 @@ class RisingConfidence(torch.nn.Module):
     def clear_cache(self):
         pass
 
+
+class RisingConfidence(StubModel):
+    """Stands in for a model: predicts token 1 at every position with a confidence that rises with
+    the position, except the end token (2) at position `end`, whose confidence lies between
+    those of positions `between` and `between` + 1. Threshold 1.0 (the single most confident
+    position per forward) then commits right to left, past the end token, as a trained dLM may."""
+
+    def __init__(self, end, between):
+        super().__init__()
+        self.end, self.between = end, between
+
     def forward(self, idx, pos, mask, logits_slice=slice(None)):
         p = pos[logits_slice].double()
         logits = torch.zeros(idx.size(0), len(p), 4, dtype=torch.float64)
-        logits[..., 1] = 2.0 + p / 10
-        logits[..., 2] = torch.where(p == self.end, 2.0 + (self.between + 0.5) / 10, -9.0)
-        logits[..., 1] = torch.where(p == self.end, -9.0, logits[..., 1])
+        end = p == self.end
+        logits[..., 1] = torch.where(end, -9.0, 2.0 + p / 10)
+        logits[..., 2] = torch.where(end, 2.0 + (self.between + 0.5) / 10, -9.0)
         return logits
 
 
@@ -1398,7 +1406,7 @@ TASK_PROBLEMS = [dict(task="rev", prompt="cab=", answer="bac"), dict(task="rev",
                  dict(task="sort", prompt="hcb=", answer="bch")]
 
 
-class Oracle(torch.nn.Module):
+class Oracle(StubModel):
     """Stands in for a model: at every position, certain of the true token there (dLM), or of
     the next one (AR). Rows are the problems in order, positions absolute (no slide)."""
 
@@ -1408,14 +1416,6 @@ class Oracle(torch.nn.Module):
         rows = [[stoi[c] for c in p["prompt"] + p["answer"]] + [meta["end_id"]] * 40 for p in problems]
         self.truth = torch.tensor([r[:40] for r in rows])
         self.ar, self.sure, self.V = ar, sure, len(meta["itos"])
-        self.embed_tokens = torch.nn.Embedding(1, 1)
-        self.config = ModelConfig(context_len=64)
-
-    def setup_cache(self, b):
-        pass
-
-    def clear_cache(self):
-        pass
 
     def forward(self, idx, pos, mask, logits_slice=slice(None)):
         if not self.sure:
