@@ -171,7 +171,7 @@ def bench_decode(ar, dlm, opt):
           f"and compilation; over TPF: the speed-up per token per forward, 1.0 the limit at batch 1)")
     print(f"{'':31}{'batch':>6}{'TPF':>7}{'forwards':>10}{'tok/s':>10}{'speedup':>9}{'/ TPF':>7}"
           + ("   accuracy" if tasks_mode else "  gen-PPL  entropy"))
-    rows, bar = [], tqdm(total=len(opt.batch_sizes) * (1 + opt.compile) * len(runs), desc="speed", unit="row", leave=False)
+    rows, bar = [], tqdm(total=len(opt.batch_sizes) * (1 + opt.compile) * len(runs), desc="speed", unit="row")
     for bs in opt.batch_sizes:
         prompts = timed_prompts if tasks_mode else timed_prompts[:bs]
         for compiled in (False, True) if opt.compile else (False,):

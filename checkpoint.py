@@ -63,7 +63,7 @@ def load_checkpoint(path, device="cpu", flag="--out_dir"):
 
 
 # Training options that were removed because they measured no better than the seed spread
-# (docs/conversions.md), with the value that meant "off". A checkpoint written before they went
+# (docs/history.md), with the value that meant "off". A checkpoint written before they went
 # holds them: at these values they are dropped on load; any other value is a run this code
 # cannot reproduce, refused by name.
 REMOVED_OPTIONS = dict(noisy_copies=1, noisy_blocks=0, min_masked=0, loss_weight="1/t", loss_norm="tokens")

@@ -329,9 +329,11 @@ def hf_name(name):
 # 5. The diffusion objective: the corruption, the loss on [x_t ; x_0] and the bound
 
 def corrupt(x_0, recipe, t, k, beta, *, maskable=None, u=None, generator=None):
-    """Mask exactly k[b, n] positions of each block n of each row, chosen by Gumbel-top-k over
-    log-weights beta (1 - t) i (i = position in the block): beta > 0 masks later positions
-    more, most so for small t. Vectorised over rows and blocks. Returns (x_t, masked).
+    """Mask exactly k[b, n] positions of each block n of each row, drawn without replacement with
+    weights exp(beta (1 - t) i) (i = position in the block): beta > 0 masks later positions
+    more, most so for small t. The draw is Gumbel-top-k: add Gumbel noise -log(-log u) to each
+    log-weight and keep the k largest, which samples k positions without replacement in
+    proportion to their weights, for every block at once. Returns (x_t, masked).
     maskable (b, L) bool, optional: only these positions may be masked (k must not exceed
     their number in the block). u (b, L/B, B), optional: the uniform noise to use."""
     b, L = x_0.shape

@@ -16,5 +16,5 @@ warmup_iters = 20
 eval_interval = 150
 eval_iters = 20
 log_interval = 50
-device = "cpu"
+device = "auto"             # the GPU where there is one, else the CPU (the times quoted are on 2 CPU cores)
 compile = False

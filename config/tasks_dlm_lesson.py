@@ -27,5 +27,5 @@ warmup_iters = 20
 eval_interval = 1000
 eval_iters = 10
 log_interval = 50
-device = "cpu"
+device = "auto"             # the GPU where there is one, else the CPU (the times quoted are on 2 CPU cores)
 compile = True              # --compile=False where no C++ compiler is at hand (9.4 minutes on an Intel Xeon with AMX, docs/conversions.md)
