@@ -69,7 +69,7 @@ token_shift = False         # True: logits at i-1 predict token i, as in the AR 
                             # False: each position predicts its own token (the paper's choice)
 t_eps = 1e-3                # t ~ U(t_eps, 1)
 # LoRA (0: full training): adapters on every attention and MLP linear, merged into plain weights on save
-lora_rank = 0               # >0: train LoRA adapters of this rank instead of all weights
+lora_rank = 0               # >0: LoRA adapters of this rank instead of the linears' full weights
 lora_alpha = 32.0           # the adapters' scale is lora_alpha / lora_rank
 lora_train_others = True    # embeddings, norms and head trainable (the paper's choice) or frozen
 answers_only = False        # only answers are learned (data/<dataset>/<split>.answers.bin): dlm masks only answers,
