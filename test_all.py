@@ -5,7 +5,9 @@ Each test compares against a reference: a brute-force loop over the attention ru
 without the cache, a row decoded alone, a loss computed by hand.
 """
 
+import ast
 import concurrent.futures
+import dataclasses
 import functools
 import glob
 import io
@@ -307,7 +309,6 @@ def test_compiled_decoding_gives_the_eager_tokens_and_does_not_recompile():
     at thresholds 1.0 and 0.9, fused and unfused, token shift on and off, a batch of different
     prompts stopping at an end token, one prompt longer than the context (the window slides).
     After the first generation, another one with other prompts compiles nothing new."""
-    import dataclasses
     torch._dynamo.reset()
     model = tiny_model(context_len=32, n_layer=1).float()
     cases = [(None, Decoding(end_ids=(5,)))] + [
@@ -346,9 +347,10 @@ def test_compiled_decoding_of_a_large_model_gives_the_eager_tokens_of_its_dtype(
         assert frozen and ran.embed_tokens.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
         assert (ran is model) == (not bf16)
         eager = model if not bf16 else copy.deepcopy(model).to(torch.bfloat16)
-        assert generate_block(model, prompts, 40, recipe, fast)[0] == generate_block(eager, prompts, 40, recipe, Decoding(0.9, end_ids=(5,)))[0]
-        assert generate_ar(model, prompts, 40, fast)[0] == generate_ar(eager, prompts, 40, Decoding(end_ids=(5,)))[0]
-        decoded.append(generate_block(model, prompts, 40, recipe, fast)[0] + generate_ar(model, prompts, 40, fast)[0])
+        block, ar = generate_block(model, prompts, 40, recipe, fast)[0], generate_ar(model, prompts, 40, fast)[0]
+        assert block == generate_block(eager, prompts, 40, recipe, Decoding(0.9, end_ids=(5,)))[0]
+        assert ar == generate_ar(eager, prompts, 40, Decoding(end_ids=(5,)))[0]
+        decoded.append(block + ar)
         with torch.no_grad():  # new weights, changed in place: the decoding must follow them
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.3)
@@ -375,16 +377,16 @@ def test_batch_rows_are_independent():
 def count_steps(model, prompts, max_new, B, threshold, **kw):
     """Decodes; the forwards per block, and checks that each forward commits and that the committed
     tokens are all the row generates (none left masked)."""
-    steps, tokens = {}, [0] * len(prompts)
+    steps, tokens = {}, torch.zeros(len(prompts), dtype=torch.long)
 
     def on_step(s, block, committed):
+        nonlocal tokens
         steps[s] = steps.get(s, 0) + 1
         assert committed.sum(-1).max() >= 1
-        for r, n in enumerate(committed.sum(-1).tolist()):
-            tokens[r] += n
+        tokens = tokens + committed.sum(-1)
     out, stats = generate_block(model, prompts, max_new, Recipe(block_size=B, mask_id=23), Decoding(threshold, **kw),
                                 on_step=on_step)
-    assert tokens == [max_new] * len(prompts) and [len(o) for o in out] == tokens
+    assert tokens.tolist() == [max_new] * len(prompts) and [len(o) for o in out] == tokens.tolist()
     return out, stats, steps
 
 
@@ -708,6 +710,11 @@ def test_sample_script(workdir, trained, threshold):
 
 
 
+def speedup_matches(r, ar_tps):
+    """A row's speed-up over AR is its tokens/s over the AR row's, up to the rounding of both (to 0.1 tok/s, 0.01x)."""
+    return abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.05 * (1 + r["speedup_vs_ar"]) / (ar_tps - 0.05)
+
+
 def test_bench_script_on_text(workdir, trained):
     code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--thresholds=(1.0, 0.5)", "--batch_sizes=(1, 2)", "--unfused=1.0",
                          "--max_new_tokens=16", "--n_samples=2", "--repeats=1", "--val_batches=1", "--start=ROMEO:",
@@ -726,7 +733,7 @@ def test_bench_script_on_text(workdir, trained):
     assert rows["dlm", 0.5, True, 1]["forward_passes"] <= 16
     for (mode, threshold, fuse, bs), r in rows.items():  # the speed-up over the AR row of the same batch size
         ar_tps = rows["ar", None, True, bs]["tokens_per_s"]
-        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.05 * (1 + r["speedup_vs_ar"]) / (ar_tps - 0.05)
+        assert speedup_matches(r, ar_tps)
     assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 for r in rows.values())
     assert result["val"]["ar_loss"] > 0 and result["val"]["dlm_bound"] > 0
     # the compiled steps beside the eager ones: the same tokens, speed-ups against the AR row of their own kind
@@ -739,7 +746,7 @@ def test_bench_script_on_text(workdir, trained):
     assert rows["ar", True]["same_tokens"] and rows["dlm", True]["same_tokens"]
     for compiled in (False, True):  # against the AR row of its own kind
         r, ar_tps = rows["dlm", compiled], rows["ar", compiled]["tokens_per_s"]
-        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar_tps) <= 0.005 + 0.05 * (1 + r["speedup_vs_ar"]) / (ar_tps - 0.05)
+        assert speedup_matches(r, ar_tps)
     assert rows["dlm", True]["dtype"] == "float32"  # a small model: its own dtype, the caches hold it
     r = rows["dlm", True]
     assert r["speedup_over_tpf"] == round(r["speedup_vs_ar"] / r["tokens_per_forward"], 3) or abs(
@@ -752,16 +759,16 @@ def test_bench_script_on_text(workdir, trained):
     code, out, err = run("dev/microbench.py", "--out_dir=out-dlm", "--device=cpu", "--mode=forward", "--cache_len=16",
                          "--rows=(1,9,2048)", cwd=workdir)
     assert code == 0, err
-    rows = last_json(out)["forward"]
+    result = last_json(out)
+    rows = result["forward"]
     assert [r["M"] for r in rows] == [1, 9, 2048] and rows[0]["over_token"] == 1.0 and all(r["forward_ms"] > 0 for r in rows)
     assert rows[1]["over_token"] == round(rows[1]["forward_ms"] / rows[0]["forward_ms"], 3) or abs(
         rows[1]["over_token"] - rows[1]["forward_ms"] / rows[0]["forward_ms"]) < 1e-2
     n_weights = sum(v.numel() for k, v in torch.load(workdir / "out-dlm" / "ckpt.pt", weights_only=True)["model"].items()
                     if k != "lm_head.weight")  # tied to the embedding: stored twice, one matrix
     assert all(r["weights"] == n_weights and r["weight_bytes"] == 4 * n_weights for r in rows)
-    peaks = last_json(out)  # the floor from its definition: max(1, FLOPs of M rows at the matmul peak over reading the weights)
-    for r in rows:
-        floor = max(1.0, 2 * r["M"] * r["weights"] * peaks["copy_gb_per_s"] / (r["weight_bytes"] * peaks["matmul_gflops"]))
+    for r in rows:  # the floor from its definition: max(1, FLOPs of M rows at the matmul peak over reading the weights)
+        floor = max(1.0, 2 * r["M"] * r["weights"] * result["copy_gb_per_s"] / (r["weight_bytes"] * result["matmul_gflops"]))
         assert abs(r["roofline_floor"] - floor) <= 5e-4 + 1e-6 * floor and r["linear_ms"] > 0
     assert rows[-1]["roofline_floor"] > 1  # 2048 rows: the FLOPs outweigh reading the weights
 
@@ -844,7 +851,6 @@ def test_configurator_errors(tmp_path):
 @pytest.mark.parametrize("path", sorted(f"config/{f}" for f in os.listdir(os.path.join(HERE, "config")) if f.endswith(".py")))
 def test_config_files_parse(path):
     """Every shipped config sets known settings of the right types (train.py's defaults)."""
-    from configurator import settings
     defaults = {k: v for k, (v, _) in settings(os.path.join(HERE, "train.py")).items()}
     assert {"out_dir", "mode", "block_size", "mask_half_life", "max_iters", "device"} <= set(defaults)
     cfg = configure(defaults, [os.path.join(HERE, path)], nullable={"mask_half_life"})
@@ -898,7 +904,7 @@ def test_resume_is_exact(workdir, mode):
     a, b = (checkpoint_tensors(workdir / f"resume-{mode}-{x}" / "ckpt.pt") for x in "ab")
     # LoRA is saved merged: the frozen weight comes back as merged less the adapters' product, equal up
     # to float rounding (about 1e-7 of the weights); in the other modes everything is bit for bit
-    same = (lambda x, y: close_to(x, y, 1e-5)) if mode == "dlm-lora" else torch.equal
+    same = close_to if mode == "dlm-lora" else torch.equal
     assert len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     ckpt = torch.load(workdir / f"resume-{mode}-a" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 8 and (mode != "dlm-lora" or len(ckpt["lora"]) > 0)
@@ -1006,13 +1012,12 @@ def test_a_training_step_is_a_hand_written_adamw_step(workdir, mode, clip):
     start, ckpt = (torch.load(workdir / f"hand-{mode}-{clip}{e}" / "ckpt.pt", weights_only=True) for e in ("-0", ""))
     model = Transformer(ModelConfig(**start["model_args"]))
     model.load_state_dict(start["model"])
-    names = [n for n, _ in model.named_parameters()]
     m, v = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} for _ in range(2))
     recipe, L = Recipe(block_size=8, mask_id=10, token_shift=False), 32
     starts = torch.from_numpy(np.concatenate([[0], np.flatnonzero(tokens == 11) + 1]))
     starts, norms = starts[starts < len(tokens) - L - 1], []
     for it in range(3):
-        lr = 1e-2 * 1 / 2 if it == 0 else 1e-3 + 0.5 * (1 + math.cos(math.pi * (it - 1) / 2)) * (1e-2 - 1e-3)
+        lr = 1e-2 / 2 if it == 0 else 1e-3 + 0.5 * (1 + math.cos(math.pi * (it - 1) / 2)) * (1e-2 - 1e-3)
         model.zero_grad()
         for micro in range(2):
             seed = 1337 + 1_000_003 * (it + 1) + 1009 * micro
@@ -1042,7 +1047,7 @@ def test_a_training_step_is_a_hand_written_adamw_step(workdir, mode, clip):
         assert close_to(p.detach(), ckpt["model"][n], 1e-4), n
         assert close_to(m[n], state[n]["exp_avg"], 1e-4) and close_to(v[n], state[n]["exp_avg_sq"], 1e-4), n
         assert not torch.equal(p.detach(), start["model"][n]), n
-    assert sorted(state) == sorted(names) and ckpt["iter_num"] == 3
+    assert sorted(state) == sorted(m) and ckpt["iter_num"] == 3
 
 
 def test_kill_during_save_keeps_a_loadable_checkpoint(workdir, ar_run):
@@ -1257,7 +1262,6 @@ def test_checkpoint_from_before_the_cut_loads(workdir, ar_run):
 def test_help_lists_every_setting(script):
     """--help (also -h, --help=anything) prints each setting with its value and its comment, and
     exits 0; after a config file, with the values it sets."""
-    from configurator import settings
     table = settings(os.path.join(HERE, script))
     for flag in ("--help", "-h", "--help=1") if script == "sample.py" else ("--help",):
         code, out, err = run(script, flag, cwd=HERE)
@@ -1278,7 +1282,7 @@ def test_task_sets_regenerate_from_the_seed_in_meta(tmp_path):
     """What problems.py draws when data/tasks is missing is what prepare.py wrote: the test
     problems in order, and the val tokens byte for byte (another seed, other sizes)."""
     from problems import load_problems, val_tokens
-    script = os.path.join(HERE, "data", "tasks", "prepare.py")
+    script = prepare("tasks")
     code, out, err = run(script, "--seed=7", "--n_train=50", "--n_val=30", "--n_test=20", f"--out_dir={tmp_path}", cwd=tmp_path)
     assert code == 0, err
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -1300,7 +1304,7 @@ def test_task_sets_regenerate_from_the_seed_in_meta(tmp_path):
 
 
 def test_tasks_prepare_is_deterministic_and_test_is_held_out(tmp_path):
-    script = os.path.join(HERE, "data", "tasks", "prepare.py")
+    script = prepare("tasks")
     for d in ("a", "b"):
         code, out, err = run(script, "--n_train=2000", "--n_val=50", "--n_test=30", f"--out_dir={tmp_path / d}", cwd=tmp_path)
         assert code == 0, err
@@ -1830,7 +1834,7 @@ def test_every_ablation_config_runs(tmp_path):
     saved scores back, unless what they were computed for has changed."""
     link_scripts(tmp_path)
     os.symlink(os.path.join(HERE, "config"), tmp_path / "config")
-    code, out, err = run(os.path.join(HERE, "data", "tasks", "prepare.py"), "--n_train=200", "--n_val=40", "--n_test=3",
+    code, out, err = run(prepare("tasks"), "--n_train=200", "--n_val=40", "--n_test=3",
                          f"--out_dir={tmp_path / 'data' / 'tasks'}", cwd=tmp_path)
     assert code == 0, err
     code, out, err = run("train.py", *TINY, "--dataset=tasks", "--context_len=64", "--max_iters=2", "--eval_iters=1",
@@ -1929,9 +1933,9 @@ def test_the_json_summary_is_a_line_of_its_own(name, tmp_path):
     """With stdout and stderr in one file (`> log 2>&1`), the JSON summary is the whole last line:
     no progress bar (stderr, carriage returns) shares it."""
     args, bar = JSON_LINE_SCRIPTS[name]
-    for f in os.listdir(HERE):  # the repository, linked into a folder where the runs may write
-        if f.endswith(".py") or f in ("config", "data", "dev", "pretrained"):
-            os.symlink(os.path.join(HERE, f), tmp_path / f)
+    link_scripts(tmp_path)  # the repository, linked into a folder where the runs may write
+    for f in ("config", "data", "pretrained"):
+        os.symlink(os.path.join(HERE, f), tmp_path / f)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}  # TQDM_DISABLE would hide the bars
     with open(tmp_path / "log", "wb") as log:
         code = subprocess.run([sys.executable, *args, "--device=cpu"], cwd=tmp_path, env=env, stdout=log,
@@ -2048,7 +2052,6 @@ def project_files():
 
 def local_imports(path):
     """The root modules a file imports, anywhere in it (a function's lazy import too)."""
-    import ast
     tree = ast.parse(open(os.path.join(HERE, path), encoding="utf-8").read())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level]
@@ -2062,7 +2065,6 @@ def test_the_root_is_the_method_and_imports_run_one_way():
     and the decoder do not depend on the command line."""
     files = project_files()
     assert {f[:-3] for f in files if os.sep not in f} == ROOT_FILES
-    import ast
     source = {f: open(os.path.join(HERE, f), encoding="utf-8").read() for f in files}
     calls = lambda f: {n.func.id for n in ast.walk(ast.parse(source[f])) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     scripts = {f[:-3] for f in files if os.sep not in f and "load_config" in calls(f)}
@@ -2083,7 +2085,6 @@ def test_the_root_is_the_method_and_imports_run_one_way():
 
 def body_lines(fn, lines):
     """A function's body lines, its docstring and comment-only lines not counted."""
-    import ast
     doc = fn.body[0] if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) else None
     skip = set(range(doc.lineno, doc.end_lineno + 1)) if doc else set()
     return [n for n in range(fn.body[0].lineno, fn.end_lineno + 1) if n not in skip and not lines[n - 1].strip().startswith("#")]
@@ -2093,7 +2094,6 @@ def test_line_budgets():
     """The story stays readable: the README within 250 lines, the method's files within their
     budgets, no file but the tests over 500 lines, no function of model.py or decode.py over 40
     lines of code."""
-    import ast
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) <= 250
     budgets = {"model.py": 450, "decode.py": 320, "train.py": 450, "bench.py": 450, "configurator.py": 200}
@@ -2126,17 +2126,15 @@ def test_chat_prompt_is_the_exported_template_rendered():
 
 
 def test_resume_refuses_another_run_naming_the_setting():
-    """A resumed run is the same run. Its recipe is compared whole, from the Recipe the settings
+    """A resumed given is the same given. Its recipe is compared whole, from the Recipe the settings
     make, so every recipe field is held (t_eps too) and the error names the setting (attention
-    for the pattern); an AR run resumed as a dLM is refused; equal settings pass."""
-    import dataclasses
-    from dataclasses import asdict
+    for the pattern); an AR given resumed as a dLM is refused; equal settings pass."""
     from checkpoint import resume_refusal
     recipe = Recipe(block_size=8, mask_id=23, pattern="block", token_shift=True)
-    settings = dict(mode="dlm", dataset="tasks", answers_only=True, align_windows=False, seed=1, lora_rank=0, lora_alpha=32.0,
-                    lora_train_others=True)
-    ckpt = dict(optimizer={}, config=dict(settings, block_size=8, attention="block"), recipe=asdict(recipe), meta=dict(mask_id=23))
-    refusal = lambda **change: resume_refusal(ckpt, "out/ckpt.pt", {**settings, "recipe": recipe, **change}, settings)
+    given = dict(mode="dlm", dataset="tasks", answers_only=True, align_windows=False, seed=1, lora_rank=0,
+                 lora_alpha=32.0, lora_train_others=True)
+    ckpt = dict(optimizer={}, config=dict(given, block_size=8, attention="block"), recipe=dataclasses.asdict(recipe), meta=dict(mask_id=23))
+    refusal = lambda **change: resume_refusal(ckpt, "out/ckpt.pt", {**given, "recipe": recipe, **change}, given)
     assert refusal() is None
     for change, words in [(dict(recipe=dataclasses.replace(recipe, block_size=4)), ["block_size=8", "block_size=4"]),
                           (dict(recipe=dataclasses.replace(recipe, pattern="block_noisy")), ["attention='block'", "attention='block_noisy'"]),
@@ -2145,4 +2143,4 @@ def test_resume_refuses_another_run_naming_the_setting():
         why = refusal(**change)
         assert why and "\n" not in why and all(w in why for w in words), (change, why)
     shipped = {k: v for k, v in ckpt.items() if k != "optimizer"}  # weights only
-    assert "weights only" in resume_refusal(shipped, "out/ckpt.pt", dict(settings, recipe=recipe), settings)
+    assert "weights only" in resume_refusal(shipped, "out/ckpt.pt", dict(given, recipe=recipe), given)
