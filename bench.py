@@ -52,6 +52,8 @@ from problems import answer_room, decoder, encode_prompt, evaluate, load_eval_fi
 out_dir = "out-tasks-dlm"           # the run to measure: a dLM (against its AR source) or an AR model alone
 ar_dir = ""                         # the AR baseline; default: the run the dLM was initialised from
 thresholds = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)  # dLM decoding thresholds, one row each
+denoising_steps = ()                # dLM: also rows at these forwards per block (denoising_steps at threshold
+                                    # 1.0: each forward commits its even share of the block), e.g. (4, 2)
 batch_sizes = (1, 8)                # the speed rows' batch sizes
 block_size = 0                      # decode block; 0: the training block size
 repeats = 3                         # timed rounds, each timing every row once (the median is reported), after a warm-up
@@ -73,7 +75,8 @@ val_batches = 10                    # val windows: val_batches x 16
 compile = False                     # also the compiled decode steps, in rows of their own (same tokens checked)
 plot = ""                           # a .png file: accuracy and tokens/s against tokens per forward (needs matplotlib)
 device = "auto"                     # 'auto' (a GPU if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"                      # decoding: 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', ...
+dtype = "auto"                      # decoding: 'auto' (bfloat16 on a GPU that has it, else float32; a large model on
+                                    # a CPU with bf16 instructions decodes in a bfloat16 copy), 'float32', ...
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -127,12 +130,14 @@ def bench_decode(ar, dlm, opt):
     recipe = dlm.recipe and dataclasses.replace(dlm.recipe, block_size=opt.block_size or dlm.recipe.block_size)
     tasks_mode = bool(dlm.meta.get("tasks")) or os.path.exists(os.path.join("data", dlm.config["dataset"], "test.jsonl"))
     tokenizer, g = dlm.tokenizer(), torch.Generator(opt.device)
-    greedy = Decoding(end_ids=dlm.end_ids if tasks_mode else ())  # text: every row runs to max_new_tokens
+    greedy = Decoding(end_ids=dlm.end_ids if tasks_mode else (), auto_bf16=opt.dtype == "auto")  # text: to max_new_tokens
 
-    # (name, model, recipe, decoding): AR, the dLM at each threshold, and one threshold unfused
+    # (name, model, recipe, decoding): AR, the dLM at each threshold and denoising_steps, and one threshold unfused
     runs = [("AR (KV cache)", ar.model, None, greedy)]
     if recipe:
         runs += [(f"dLM t={th}", dlm.model, recipe, dataclasses.replace(greedy, threshold=th)) for th in opt.thresholds]
+        runs += [(f"dLM steps={n}", dlm.model, recipe, dataclasses.replace(greedy, threshold=1.0, denoising_steps=n))
+                 for n in opt.denoising_steps]
         if opt.unfused:
             runs.append((f"dLM t={opt.unfused} unfused", dlm.model, recipe,
                          dataclasses.replace(greedy, threshold=opt.unfused, fuse_commit=False)))
@@ -180,24 +185,20 @@ def bench_decode(ar, dlm, opt):
                 bar.update()
                 decodes.append(make(model, rcp, dataclasses.replace(dec, compile=compiled)))
                 quals.append(quality[name])
-                extras.append({})
-                if compiled:  # the first run compiles; the tokens must be those of the eager run of the model
-                    # the compiled steps run (a large model on a CPU: maybe its bfloat16 copy)
-                    ran, _ = step_model(model, dataclasses.replace(dec, compile=True))
+                # the module the steps run: a large model on a CPU, maybe its bfloat16 copy (the accuracy's too)
+                ran, _ = step_model(model, dataclasses.replace(dec, compile=compiled))
+                extras.append(dict(dtype=str(ran.embed_tokens.weight.dtype)[6:]))
+                if compiled:  # the first run compiles; the tokens must be those of the eager run
                     t0 = time.perf_counter()
                     outs = [o for i in range(0, len(prompts), bs) for o in decodes[-1](prompts[i:i + bs], max_new)[0]]
-                    eager = [o for i in range(0, len(prompts), bs) for o in make(ran, rcp, dec)(prompts[i:i + bs], max_new)[0]]
-                    extras[-1].update(compile_s=round(time.perf_counter() - t0, 1), same_tokens=outs == eager,
-                                      dtype=str(ran.embed_tokens.weight.dtype)[6:])
-                    if ran is not model and tasks_mode:  # the accuracy in that dtype, beside float32's
-                        r = evaluate(make(ran, rcp, dec), problems, tokenizer, opt.eval_batch)
-                        extras[-1]["accuracy_float32"] = quals[-1]["accuracy"]
-                        quals[-1] = dict(quals[-1], accuracy=round(r["average"], 2))
+                    eager = [o for i in range(0, len(prompts), bs) for o in make(model, rcp, dec)(prompts[i:i + bs], max_new)[0]]
+                    extras[-1].update(compile_s=round(time.perf_counter() - t0, 1), same_tokens=outs == eager)
             speeds = decode_speeds(decodes, prompts, max_new, bs, opt, count_end=tasks_mode)
             ar_tps = speeds[0][0]
             for (name, model, rcp, dec), (tps, forwards, tpf), q, extra in zip(runs, speeds, quals, extras):
                 tpf = q["tokens_per_forward"] if tasks_mode else round(tpf, 3)  # tasks: over the answers
                 row = dict(mode="ar" if rcp is None else "dlm", threshold=rcp and dec.threshold, fuse_commit=dec.fuse_commit,
+                           denoising_steps=rcp and dec.denoising_steps,
                            compiled=compiled, batch_size=bs, tokens_per_forward=tpf, forward_passes=forwards,
                            tokens_per_s=round(tps, 1), speedup_vs_ar=round(tps / ar_tps, 2),
                            speedup_over_tpf=round(tps / ar_tps / tpf, 3), gen_ppl=q.get("gen_ppl"),
@@ -207,9 +208,10 @@ def bench_decode(ar, dlm, opt):
                 rows.append(row)
                 qual = f"{q['accuracy']:11.1f}" if tasks_mode else f"{q['gen_ppl']:9.2f}{q['entropy']:9.2f}"
                 label = name + (" compiled" if compiled else "")
+                copied = "" if compiled or extra["dtype"] == str(model.embed_tokens.weight.dtype)[6:] else f"  ({extra['dtype']} copy)"
                 tqdm.write(f"{label:31}{bs:6d}{tpf:7.2f}{forwards:10d}{tps:10.1f}{tps / ar_tps:8.2f}x"
                       f"{row['speedup_over_tpf']:7.2f}{qual}" + (f"  (compiled in {extra['compile_s']} s, same tokens: "
-                                                                  f"{extra['same_tokens']}, {extra['dtype']})" if compiled else ""))
+                                                                  f"{extra['same_tokens']}, {extra['dtype']})" if compiled else copied))
     bar.close()
     result = dict(decode=rows, **result)
     if recipe:
@@ -228,14 +230,17 @@ def draw_plot(rows, path, title):
     import matplotlib.pyplot as plt
     rows = [r for r in rows if r["batch_size"] == rows[0]["batch_size"] and not r["compiled"] and r["fuse_commit"]]
     ar, dlm = rows[0], sorted(rows[1:], key=lambda r: r["tokens_per_forward"])
+    lines = [(f"dLM, by {by}", [r for r in dlm if bool(r["denoising_steps"]) == (by == "denoising_steps")], key)
+             for by, key in (("threshold", "threshold"), ("denoising_steps", "denoising_steps"))]
     quality = "accuracy" if ar["accuracy"] is not None else "gen_ppl"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in zip(axes, (quality, "tokens_per_s"), ("accuracy (%)" if quality == "accuracy" else
                                                                  "gen-PPL under the AR model", "tokens/s")):
-        if dlm:
-            ax.plot([r["tokens_per_forward"] for r in dlm], [r[key] for r in dlm], "o-", label="dLM, by threshold")
-        for r in dlm:
-            ax.annotate(f"{r['threshold']}", (r["tokens_per_forward"], r[key]), textcoords="offset points", xytext=(4, 4))
+        for name, points, tag in lines:
+            if points:
+                ax.plot([r["tokens_per_forward"] for r in points], [r[key] for r in points], "o-", label=name)
+            for r in points:
+                ax.annotate(f"{r[tag]}", (r["tokens_per_forward"], r[key]), textcoords="offset points", xytext=(4, 4))
         ax.plot([ar["tokens_per_forward"]], [ar[key]], "s", color="black", label="AR (KV cache)")
         ax.set_xlabel("tokens per forward")
         ax.set_ylabel(label)
@@ -296,6 +301,9 @@ def main(opt):
         [Decoding(threshold=th) for th in opt.thresholds + ((opt.unfused,) if opt.unfused else ())]
     except ValueError as e:
         sys.exit(f"error: {e} in --thresholds or --unfused (write it as \"--thresholds=(0.9, 0.5)\")")
+    if not all(isinstance(n, int) and n >= 1 for n in opt.denoising_steps):
+        sys.exit(f"error: denoising_steps must be a tuple of positive numbers of forwards per block, got "
+                 f"{opt.denoising_steps!r} (write it as \"--denoising_steps=(4, 2)\")")
     if not opt.batch_sizes or not all(isinstance(b, int) and b >= 1 for b in opt.batch_sizes):
         sys.exit(f"error: batch_sizes must be a tuple of positive integers, got {opt.batch_sizes!r} "
                  f"(write it as \"--batch_sizes=(1, 8)\")")

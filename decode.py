@@ -3,7 +3,9 @@ Decoding: AR, one token per forward, and block-parallel threshold decoding of a 
 LM, both with the exact static KV cache of model.py. In reading order: how to decode
 (Decoding), picking a token, the two decoders; then the window that runs spans of tokens
 through the model and its cache; then what makes it fast (compiled steps, and a bfloat16 copy
-of a large model on a CPU).
+of a large model on a CPU). A forward commits what is confident enough (the threshold), and
+with denoising_steps (SDAR's name) at least an even share of its block: quality against forwards
+at a fixed budget, and tokens per forward set on a model that is never confident (when timing).
 
 All rows of a batch share the absolute positions (prompts are right-padded), so one mask serves
 the batch; a row's tokens never depend on the other rows: prompt positions are forced, positions
@@ -15,6 +17,7 @@ decode bidirectional attention, whose keys change with every token (the attentio
 generate_block decodes it so whatever the setting.
 """
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -33,6 +36,8 @@ class Decoding:
     """How to decode, AR or dLM. Every script builds one, so the ranges are checked here."""
     threshold: float = 0.9          # dLM: commit every masked token at least this confident (and always the
                                     # most confident one); 1.0: one token per forward
+    denoising_steps: int = 0        # dLM: also commit, each forward, at least an even share of a block's free
+                                    # positions (the most confident), so a block takes at most this many; 0: off
     temperature: float = 0.0        # 0: greedy
     top_k: int = 0                  # 0: no top-k filtering
     fuse_commit: bool = True        # dLM: write a finished block into the cache in the next block's first forward
@@ -40,6 +45,7 @@ class Decoding:
                                     # tested against, and the only way to decode bidirectional attention
     end_ids: tuple = field(default=())  # a row stops at the first of these it generates
     compile: bool = False           # run the steps (fixed shapes) compiled, and prefills as one graph for any length
+    auto_bf16: bool = True          # a large model on a CPU with bf16 instructions: a bfloat16 copy (--dtype=auto)
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
@@ -48,14 +54,17 @@ class Decoding:
             raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature!r} (--temperature)")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be 0 (off) or a positive number of tokens, got {self.top_k!r} (--top_k)")
+        if not (isinstance(self.denoising_steps, int) and self.denoising_steps >= 0):
+            raise ValueError(f"denoising_steps must be 0 (off) or a positive number of forwards per block, "
+                             f"got {self.denoising_steps!r} (--denoising_steps)")
 
 
 def pick(logits, temperature=0.0, top_k=0, generator=None):
-    """Token and its probability (the confidence) per position, without host syncs."""
+    """Token and its probability (the confidence) per position, without host syncs. Greedy: exp(top -
+    logsumexp) in float32 (a float64 softmax of a 151,936-token vocabulary costs a tenth of a forward)."""
     if temperature == 0:
-        probs = torch.softmax(logits.double(), dim=-1)
-        conf, tok = probs.max(dim=-1)
-        return tok, conf
+        top, tok = logits.float().max(dim=-1)
+        return tok, (top - torch.logsumexp(logits.float(), dim=-1)).double().exp()
     logits = logits.double() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -72,7 +81,7 @@ def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=N
     """Autoregressive decoding, one token per forward. Returns (list of token lists, stats)."""
     device = model.embed_tokens.weight.device
     seq, lens, limit = prompt_buffer(prompts, max_new_tokens, 0, device)
-    window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), steps=(1,))
+    window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), step_lengths=(1,))
     ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     steps = torch.zeros_like(lens)
@@ -87,7 +96,7 @@ def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=N
             if done.all():  # one host sync per token, only when there is an end token
                 break
     window.model.clear_cache()
-    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards, row_forwards=steps.tolist())
+    return outputs(seq, lens, limit, decoding.end_ids), window.stats(row_forwards=steps.tolist())
 
 
 @torch.no_grad()
@@ -95,15 +104,14 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
     """Block-parallel decoding of a block-diffusion LM.
 
     Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free positions
-    masked and each forward commits every masked position whose confidence is at least the
-    threshold, and at least the most confident one, so a block takes at most B forwards. Its
-    logits are those of the noisy copy of training (model.diffusion_logits), its earlier blocks
-    clean in the cache; with token shift the logits at i-1 predict token i, so the forward starts
-    one token earlier, at the clean end of the block before. A finished block must be written
-    into the cache before the next block can see it: with `fuse_commit` in the next block's first
-    forward ([clean block k ; masked block k+1], the training rule), otherwise in a commit pass of
-    its own. `on_step(s, block, committed)` is called after every forward. Bidirectional
-    attention is decoded without the cache (kv_cache=False), the only exact way.
+    masked and each forward commits what commit_rule says: at most B forwards a block, at most
+    `denoising_steps` with them. Its logits are those of the noisy copy of training
+    (model.diffusion_logits), its earlier blocks clean in the cache; with token shift the logits
+    at i-1 predict token i, so the forward starts one token earlier, at the clean end of the block
+    before. A finished block must be written into the cache before the next block can see it:
+    with `fuse_commit` in the next block's first forward ([clean block k ; masked block k+1], the
+    training rule), else in a commit pass of its own. `on_step(s, block, committed)` is called
+    after every forward. Bidirectional attention is decoded without the cache, the only exact way.
 
     stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
     row_forwards, per row the forwards spent on its own output (the steps in which it had masks
@@ -116,21 +124,21 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
     free = (abs_pos >= lens[:, None]) & (abs_pos < limit[:, None])  # positions this row generates
     ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    window = Window(model, seq, stream_rule(recipe.pattern, B), decoding, align=B, steps=(B, B + 1, 2 * B))
+    window = Window(model, seq, stream_rule(recipe.pattern, B), decoding, align=B, step_lengths=(B, B + 1, 2 * B))
     steps, blocks = torch.zeros_like(lens), torch.zeros_like(lens)
     for s in range(int(lens.min()) // B * B, int(limit.max()), B):
         block = seq[:, s:s + B]  # a view: commits write straight into seq
         todo = free[:, s:s + B] & ~done[:, None]
         blocks += todo.any(-1)
+        plan, k = shares(todo.sum(-1), decoding.denoising_steps, B), 0  # k: the block's forwards so far
         while todo.any():  # the one host sync per forward
             steps += todo.any(-1)
             logits = window(max(s - shift, 0), s + B, clean_to=s)
             if shift and s == 0:  # position 0 is a prompt token: nothing predicts it
                 logits = F.pad(logits, (0, 0, 1, 0))
             tok, conf = pick(logits[:, :B], decoding.temperature, decoding.top_k, generator)
-            conf = conf.masked_fill(~todo, -1.0)
-            commit = todo & (conf >= decoding.threshold) if decoding.threshold < 1 else torch.zeros_like(todo)
-            commit |= F.one_hot(conf.argmax(-1), B).bool() & todo.any(-1, keepdim=True)  # at least one per active row
+            commit = commit_rule(conf, todo, decoding.threshold, plan[:, k])
+            k += 1
             block.copy_(torch.where(commit, tok, block))
             todo &= ~commit
             ended = (torch.isin(block, ends) & free[:, s:s + B]).long()  # what follows a row's end token is dropped
@@ -142,8 +150,28 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
             break
     window.model.clear_cache()
     row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
-    return outputs(seq, lens, limit, decoding.end_ids), dict(forward_passes=window.forwards,
-                                                             row_forwards=row_forwards.tolist())
+    return outputs(seq, lens, limit, decoding.end_ids), window.stats(row_forwards=row_forwards.tolist())
+
+
+def shares(n, steps, B):
+    """(b, B): the fewest positions the k-th forward of a block commits, rows with n (b,) free. LLaDA's
+    even split, n // m each and one more in the first n % m, over m = ceil(steps n / B) forwards:
+    `steps` for a whole block, proportionally fewer for a partial one. steps 0: one a forward."""
+    j = torch.arange(B, device=n.device)
+    if not steps:
+        return torch.ones_like(n)[:, None].expand(-1, B)
+    m = torch.minimum((steps * n + B - 1) // B, n).clamp(min=1)
+    return torch.where(j < m[:, None], (n // m)[:, None] + (j < (n % m)[:, None]), 0)
+
+
+def commit_rule(conf, todo, threshold, share):
+    """Which positions a forward commits (b, B): of those still to do, each at least `threshold`
+    confident (none at 1.0), and each row's `share` (b,) most confident ones, at least one while
+    the row has any left. Ties go to the leftmost position."""
+    conf = conf.masked_fill(~todo, -1.0)
+    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the most confident
+    commit = todo & (rank < share.clamp(min=1)[:, None])
+    return commit | (todo & (conf >= threshold)) if threshold < 1 else commit
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,7 +217,7 @@ class Window:
     window. When a span would end past the context, the window slides forward by about half a
     context, on the grid `align`."""
 
-    def __init__(self, model, seq, rule, decoding, align=1, steps=()):
+    def __init__(self, model, seq, rule, decoding, align=1, step_lengths=()):
         self.model, self.seq, self.rule, self.kv_cache = model, seq, rule, decoding.kv_cache
         self.align, self.fuse_prefill = align, decoding.fuse_commit
         self.ctx = model.config.context_len
@@ -197,12 +225,15 @@ class Window:
             raise ValueError(f"context_len {self.ctx} must be at least twice the decode block {align}")
         self.w = 0              # absolute position of the window's first token (rotary position 0)
         self.cached_to = 0      # the cache holds clean keys/values for absolute positions [w, cached_to)
-        self.forwards = 0
-        # the spans of these lengths are the steps of decoding, compiled if asked, each a graph of its
-        # own; the others (prefills) then one graph for any length; without the cache everything eager
-        self.compiled = set(steps) if decoding.compile and self.kv_cache else set()
+        self.forwards = collections.Counter()  # forwards by the number of tokens they run
+        # spans of these lengths (the steps) compiled if asked, a graph each; the others (prefills) one
+        self.compiled = set(step_lengths) if decoding.compile and self.kv_cache else set()
         self.model, self.large = step_model(model, decoding)
         self.model.setup_cache(seq.size(0)) if self.kv_cache else self.model.clear_cache()
+
+    def stats(self, **more):
+        """forward_passes, and forwards_by_length {tokens run: forwards} (what the forwards cost)."""
+        return dict(forward_passes=self.forwards.total(), forwards_by_length=dict(sorted(self.forwards.items())), **more)
 
     def __call__(self, lo, hi, clean_to):
         """Logits (b, hi-lo, V) of absolute positions [lo, hi), given that the tokens before
@@ -227,26 +258,31 @@ class Window:
             self.cached_to = clean_to
             spans.append((start, hi, lo))
         for start, end, first in spans:
-            self.forwards += 1
+            self.forwards[end - start] += 1
             pos = torch.arange(start - self.w, end - self.w, device=self.seq.device)
-            tokens, T = self.seq[:, start:end], end - start
-            if self.compiled:  # a step: one graph per length; any other span (a prefill): one graph for
-                # all lengths. The logits of every token, sliced after, and the tokens copied (a view's strides
-                # depend on the buffer's length)
+            tokens, T, n_keys = self.seq[:, start:end], end - start, filled_keys(end - self.w, self.ctx)
+            if self.compiled:  # the logits of every token, sliced after; the tokens copied (a view's
+                # strides depend on the buffer's length)
                 run = compiled_span_logits(self.large, dynamic=T not in self.compiled)
                 logits = run(self.model, tokens.clone(memory_format=torch.contiguous_format), pos, self.rule, T,
-                             kv_cache=self.kv_cache)[:, first - start:]
+                             kv_cache=self.kv_cache, n_keys=n_keys)[:, first - start:]
             else:
-                logits = span_logits(self.model, tokens, pos, self.rule, end - first, kv_cache=self.kv_cache)
+                logits = span_logits(self.model, tokens, pos, self.rule, end - first, self.kv_cache, n_keys)
         return logits
 
 
-def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
+def filled_keys(n, ctx):
+    """The cache positions a forward attends to: the n filled ones, rounded up to an eighth, a quarter,
+    a half or all of the context (few compiled shapes; the unused part costs its reading: docs/speed.md)."""
+    return next(k for k in (ctx // 8, ctx // 4, ctx // 2, ctx) if k >= n)
+
+
+def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True, n_keys=None):
     """Logits (b, n_logits, V) of the last n_logits of tokens (b, T) at window positions pos
-    (T,). The keys are the whole cache (without it, the tokens themselves), masked by the rule and
-    to positions up to the last one run. Positions are a tensor, so one compiled code serves
-    every step of a shape, wherever it stands."""
-    keys = torch.arange(model.config.context_len, device=pos.device) if kv_cache else pos
+    (T,). The keys are the cache's first n_keys positions (default: all; without the cache, the
+    tokens themselves), masked by the rule and to positions up to the last one run. Positions
+    are a tensor, so one compiled code serves every step of a shape, wherever it stands."""
+    keys = torch.arange(n_keys or model.config.context_len, device=pos.device) if kv_cache else pos
     mask = dense_mask(rule, pos, keys) & (keys <= pos[-1])
     return model(tokens, pos, mask, logits_slice=slice(tokens.size(1) - n_logits, None))
 
@@ -256,10 +292,9 @@ def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True):
 
 @functools.lru_cache(maxsize=None)
 def compiled_span_logits(frozen=False, dynamic=False):
-    """span_logits compiled, on first use: for fixed shapes, one graph per step shape (an AR step,
-    a block step, a fused commit), which a GPU replays as a CUDA graph; or with `dynamic` one
-    graph for spans of any length. `frozen`: the weights are constants of the graph, prepacked
-    for the CPU's matmul kernels (a large model on a CPU, see step_model)."""
+    """span_logits compiled, on first use: one graph per step shape (an AR step, a block step, a fused
+    commit), which a GPU replays as a CUDA graph; or with `dynamic` one for spans of any length.
+    `frozen`: the weights are constants of the graph, prepacked (a large model on a CPU, step_model)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
     frozen = {"freezing": True, "emulate_precision_casts": True} if frozen else None  # rounding as eager does
     return torch.compile(span_logits, dynamic=dynamic, options=frozen,
@@ -267,30 +302,28 @@ def compiled_span_logits(frozen=False, dynamic=False):
 
 
 # Weights of at least this many bytes (float32) are read from memory at every forward, not from the
-# caches: there the CPU's compiled steps take the kernels that keep a block of rows at about the cost
-# of one row (docs/speed.md measured the crossing between 34 and 118 MB).
+# caches: there a CPU's decoding takes the kernels that keep a block of rows nearest the cost of one
+# row (docs/speed.md measured the crossing between 34 and 118 MB).
 LARGE_WEIGHTS = 64 * 2 ** 20
 BF16_COPIES = weakref.WeakKeyDictionary()  # model -> (its weights' identity, its bfloat16 copy), while the model lives
 
 
 def step_model(model, decoding):
-    """The module the decoding steps run, and whether its weights are frozen into the graphs. The
-    model itself, except compiled on a CPU with large weights: there matmuls of a few rows are
-    poor in float32 (a general kernel, not the one-row one), while bfloat16 with float32
-    accumulation on a CPU with bf16 instructions (AVX-512 BF16 or AMX) costs about what one row
-    costs. So: a bfloat16 copy of the model, made again only when its weights change, where the
-    CPU has them; frozen (prepacked) weights in either dtype."""
+    """The module the decoding steps run, and whether its weights are frozen into the compiled graphs:
+    the model, except on a CPU with large float32 weights. There float32 matmuls of a few rows are
+    poor, while bfloat16 on a CPU with bf16 instructions (AVX-512 BF16 or AMX) reads half the bytes at
+    nearer one row's cost: a bfloat16 copy (unless auto_bf16 is off), made again when the weights
+    change; compiled, the weights frozen (prepacked) in either dtype."""
     p = model.embed_tokens.weight
-    if not (decoding.compile and decoding.kv_cache and p.device.type == "cpu" and p.dtype == torch.float32):
+    if not (decoding.kv_cache and p.device.type == "cpu" and p.dtype == torch.float32):
         return model, False
     if sum(q.numel() for q in model.parameters()) * 4 < LARGE_WEIGHTS:
         return model, False
-    if not cpu_has_bf16():
-        return model, True
+    if not (decoding.auto_bf16 and cpu_has_bf16()):
+        return model, decoding.compile
     key = [(q.data_ptr(), q._version) for q in model.parameters()]
     kept = BF16_COPIES.get(model)
     if kept is None or kept[0] != key:
         model.drop_caches()  # the copy needs no caches of its own
         kept = BF16_COPIES[model] = (key, copy.deepcopy(model).to(torch.bfloat16))
-    return kept[1], True
-
+    return kept[1], decoding.compile

@@ -78,12 +78,12 @@ def median_seconds(fn, repeats, device, warmup=1):
     return statistics.median(times), out
 
 
-def seconds_in_rounds(fns, rounds, device, calls=1):
+def seconds_in_rounds(fns, rounds, device, calls=1, spread=False):
     """The median seconds per call of each of `fns` over `rounds` rounds, each round timing every
     fn `calls` times in turn: on a noisy machine a drift then slows them alike, and their ratios
-    hold."""
+    hold. With `spread`, each fn's (median, fastest, slowest) round."""
     times = [[] for _ in fns]
     for _ in range(rounds):
         for t, fn in zip(times, fns):
             t.append(median_seconds(lambda: [fn() for _ in range(calls)], 1, device, warmup=0)[0] / calls)
-    return [statistics.median(t) for t in times]
+    return [(statistics.median(t), min(t), max(t)) if spread else statistics.median(t) for t in times]

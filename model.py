@@ -192,8 +192,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)
+        if self.cache is not None:  # the keys the mask spans: the first mask.shape[-1] positions of the cache
+            k, v = self.cache.update(pos, k, v, mask.shape[-1])
         if isinstance(mask, BlockMask):
             y = flex_attention_fn()(q, k, v, block_mask=mask, enable_gqa=True)
         else:
@@ -248,12 +248,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos, k, v):
+    def update(self, pos, k, v, n_keys):
         """Writes the keys and values of the tokens at positions pos (T,) (a tensor: the same
-        code serves every step, wherever it stands) and returns the whole cache."""
+        code serves every step, wherever it stands) and returns those of the first n_keys positions."""
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+        return self.k[:, :, :n_keys], self.v[:, :, :n_keys]
 
 
 class Transformer(nn.Module):
@@ -285,7 +285,7 @@ class Transformer(nn.Module):
     def forward(self, idx, pos, mask, logits_slice=slice(None)):
         """idx (b, T) token ids at rotary positions pos (T,) or (b, T); mask: dense bool (T, keys) or a
         BlockMask. With a KV cache set up, the T new keys are written at their positions and
-        the queries attend to the whole cache (keys = cache length). Returns float32 logits of
+        the queries attend to the cache's first `keys` positions (the mask's last dimension). Returns float32 logits of
         the inputs in logits_slice (the head is the costliest layer of a big-vocabulary model,
         so only the positions needed go through it)."""
         x = self.embed_tokens(idx)

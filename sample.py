@@ -29,10 +29,13 @@ max_new_tokens = 500
 temperature = 0.0           # 0: greedy
 top_k = 0                   # 0: no top-k filtering
 threshold = 0.9             # dLM: commit tokens at least this confident; 1.0 = one token per forward
+denoising_steps = 0         # dLM: each forward also commits at least an even share of the block, the most
+                            # confident positions, so a block takes at most this many forwards; 0: off
 block_size = 0              # dLM decode block; 0: the training block size
 seed = 1337
 device = "auto"             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"              # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
+dtype = "auto"              # 'auto' (bfloat16 on a GPU that has it, else float32; a large model on a CPU with
+                            # bf16 instructions decodes in a bfloat16 copy), 'float32', 'bfloat16', 'float16'
 compile = False             # run the decoding steps compiled (fixed shapes; the first call compiles)
 kv_cache = True             # False recomputes the whole sequence every forward (the reference; bidirectional
                             # attention, which has no exact cache, always does)
@@ -51,7 +54,7 @@ if max_new_tokens < 1:
     sys.exit(f"error: max_new_tokens must be at least 1, got {max_new_tokens} (--max_new_tokens)")
 try:  # the ranges of threshold, temperature and top_k are checked where decoding is defined
     decoding = Decoding(threshold=threshold, temperature=temperature, top_k=top_k, fuse_commit=fuse_commit,
-                        kv_cache=kv_cache, compile=compile)
+                        kv_cache=kv_cache, compile=compile, denoising_steps=denoising_steps, auto_bf16=dtype == "auto")
 except ValueError as e:
     sys.exit(f"error: {e}")
 torch.manual_seed(seed)
@@ -122,6 +125,7 @@ for out in outs:
     print("---------------")
 generated = sum(len(o) for o in outs)
 print(json.dumps(dict(mode="dlm" if recipe else "ar", threshold=threshold if recipe else None,
+                      denoising_steps=denoising_steps if recipe else None,
                       block_size=recipe.block_size if recipe else None, generated_tokens=generated,
                       forward_passes=stats["forward_passes"],
                       tokens_per_forward=round(generated / num_samples / stats["forward_passes"], 4),

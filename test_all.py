@@ -283,9 +283,9 @@ def test_the_window_slides_where_its_definition_says():
         assert generate_block(model, [prompt], 11, recipe, Decoding(1.0, fuse_commit=fuse))[1]["forward_passes"] == forwards
 
 
-@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.7])
+@pytest.mark.parametrize("threshold,steps", [(1.0, 0), (0.9, 0), (0.7, 0), (1.0, 3), (0.9, 2)])
 @pytest.mark.parametrize("pattern,shift", [("block", False), ("block", True), ("block_noisy", False)])
-def test_block_decoding_cache_equals_recompute(threshold, pattern, shift):
+def test_block_decoding_cache_equals_recompute(threshold, steps, pattern, shift):
     model = tiny_model(context_len=32)
     prompts = prompts_of([3, 13])
     recipe = Recipe(block_size=8, mask_id=23, pattern=pattern, token_shift=shift)
@@ -293,14 +293,16 @@ def test_block_decoding_cache_equals_recompute(threshold, pattern, shift):
 
     def count(s, block, committed):
         commits[:, s:s + 8] += committed
-    full, full_stats = generate_block(model, prompts, 70, recipe, Decoding(threshold, kv_cache=False), on_step=count)
+    full, full_stats = generate_block(model, prompts, 70, recipe, Decoding(threshold, denoising_steps=steps, kv_cache=False),
+                                      on_step=count)
     for fuse in (True, False):  # the commit fused into the next block's first forward, or its own pass
-        cached, stats = generate_block(model, prompts, 70, recipe, Decoding(threshold, kv_cache=True, fuse_commit=fuse))
+        cached, stats = generate_block(model, prompts, 70, recipe,
+                                       Decoding(threshold, denoising_steps=steps, kv_cache=True, fuse_commit=fuse))
         assert cached == full
     pos = torch.arange(commits.size(1))
     generated = torch.stack([(pos >= n) & (pos < n + 70) for n in (3, 13)])
     assert torch.equal(commits, generated.long())  # every generated position committed exactly once, nothing else
-    if threshold < 0.8:  # the test must exercise parallel commits
+    if threshold < 0.8 or steps:  # the test must exercise parallel commits
         assert full_stats["forward_passes"] < 60
 
 
@@ -313,7 +315,8 @@ def test_compiled_decoding_gives_the_eager_tokens_and_does_not_recompile():
     model = tiny_model(context_len=32, n_layer=1).float()
     cases = [(None, Decoding(end_ids=(5,)))] + [
         (Recipe(block_size=8, mask_id=23, token_shift=shift), Decoding(threshold, fuse_commit=fuse, end_ids=(5,)))
-        for shift in (False, True) for threshold in (1.0, 0.9) for fuse in (True, False)]
+        for shift in (False, True) for threshold in (1.0, 0.9) for fuse in (True, False)] + [
+        (Recipe(block_size=8, mask_id=23), Decoding(0.9, denoising_steps=3, end_ids=(5,)))]
 
     def generate(prompts, recipe, decoding):
         if recipe is None:
@@ -328,11 +331,13 @@ def test_compiled_decoding_gives_the_eager_tokens_and_does_not_recompile():
             assert generate(others, recipe, dataclasses.replace(decoding, compile=True)) == generate(others, recipe, decoding)
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_compiled_decoding_of_a_large_model_gives_the_eager_tokens_of_its_dtype(monkeypatch, bf16):
-    """A model with large weights decodes compiled on a CPU in bfloat16 where the CPU has bf16
-    instructions, else in float32, with its weights frozen into the graphs: the tokens are those
-    of eager decoding of the model in that dtype, and still are after its weights change."""
+@pytest.mark.parametrize("bf16,compiled", [(True, False), (True, True), (False, True)])
+def test_decoding_of_a_large_model_gives_the_tokens_of_its_dtype(monkeypatch, bf16, compiled):
+    """A model with large weights decodes on a CPU in a bfloat16 copy where the CPU has bf16
+    instructions, eager or compiled, else in float32; compiled, with its weights frozen into the
+    graphs. The tokens are those of eager decoding of the model in that dtype, and still are
+    after its weights change. auto_bf16=False (--dtype=float32) keeps float32, and a small model
+    is decoded as it is."""
     import copy
     import decode
     monkeypatch.setattr(decode, "LARGE_WEIGHTS", 0)  # this tiny model counts as large
@@ -342,10 +347,11 @@ def test_compiled_decoding_of_a_large_model_gives_the_eager_tokens_of_its_dtype(
     prompts, recipe = prompts_of([3, 13, 40]), Recipe(block_size=8, mask_id=23, token_shift=True)
     decoded = []
     for step in range(2):
-        fast = Decoding(0.9, end_ids=(5,), compile=True)
+        fast = Decoding(0.9, end_ids=(5,), compile=compiled)
         ran, frozen = decode.step_model(model, fast)
-        assert frozen and ran.embed_tokens.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert frozen == compiled and ran.embed_tokens.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
         assert (ran is model) == (not bf16)
+        assert decode.step_model(model, dataclasses.replace(fast, auto_bf16=False)) == (model, compiled)
         eager = model if not bf16 else copy.deepcopy(model).to(torch.bfloat16)
         block, ar = generate_block(model, prompts, 40, recipe, fast)[0], generate_ar(model, prompts, 40, fast)[0]
         assert block == generate_block(eager, prompts, 40, recipe, Decoding(0.9, end_ids=(5,)))[0]
@@ -355,14 +361,16 @@ def test_compiled_decoding_of_a_large_model_gives_the_eager_tokens_of_its_dtype(
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.3)
     assert decoded[0] != decoded[1]  # the new weights decode other tokens
+    monkeypatch.setattr(decode, "LARGE_WEIGHTS", 10 ** 12)
+    assert decode.step_model(model, Decoding(compile=compiled)) == (model, False)
 
 
 def test_batch_rows_are_independent():
     model = tiny_model(context_len=48)
     prompts = prompts_of([2, 9, 17, 30, 53])  # the last is longer than the context
     recipe = Recipe(block_size=8, mask_id=23)
-    for end_ids in ((), (13,)):
-        decoding = Decoding(threshold=0.8, end_ids=end_ids)
+    for end_ids, steps in (((), 0), ((13,), 0), ((13,), 3)):
+        decoding = Decoding(threshold=0.8, denoising_steps=steps, end_ids=end_ids)
         batch, _ = generate_block(model, prompts, 40, recipe, decoding)
         for p, out in zip(prompts, batch):
             alone, _ = generate_block(model, [p], 40, recipe, decoding)
@@ -413,6 +421,54 @@ def test_threshold_one_is_one_token_per_forward_plus_commit_passes():
         # a prompt of whole blocks: prefilled in a forward of its own, unless fused
         out, stats, steps = count_steps(model, prompts_of([2 * B]), N, B, 1.0, fuse_commit=fuse)
         assert stats["forward_passes"] == N + (1 + (-(-N // B) - 1)) * (not fuse)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 8, 11])
+def test_denoising_steps_forward_counts_equal_a_brute_force_count(steps):
+    """Uniform logits (nothing confident): each forward commits exactly its share. Per block and row,
+    the shares are counted by hand: the n free positions dealt one at a time, round-robin, into
+    ceil(steps n / B) forwards (at most n), so the first forwards get the extra ones; a block
+    takes as many forwards as its slowest row, and every forward is counted."""
+    B, N = 8, 29
+    prompts = prompts_of([3, 8, 13])
+    counts = {}
+
+    def on_step(s, block, committed):
+        counts.setdefault(s, []).append(committed.sum(-1).tolist())
+    out, stats = generate_block(tiny_model(sharp=0.0), prompts, N, Recipe(block_size=B, mask_id=23),
+                                Decoding(1.0, denoising_steps=steps), on_step=on_step)
+    assert [len(o) for o in out] == [N] * 3
+    want = {}
+    for r, p in enumerate(prompts):
+        for s in range(len(p) // B * B, len(p) + N, B):
+            n = sum(1 for i in range(s, s + B) if len(p) <= i < len(p) + N)
+            m = min(n, -(-steps * n // B))
+            dealt = [0] * m
+            for i in range(n):
+                dealt[i % m] += 1
+            want.setdefault(s, [[] for _ in prompts])[r] = dealt
+    for s, rows in want.items():
+        forwards = max(len(d) for d in rows)
+        assert counts[s] == [[d[k] if k < len(d) else 0 for d in rows] for k in range(forwards)], s
+    assert stats["forward_passes"] == sum(max(len(d) for d in rows) for rows in want.values())
+    # a confident model commits at least the shares, so no more forwards
+    sure = generate_block(tiny_model(), prompts, N, Recipe(block_size=B, mask_id=23), Decoding(0.9, denoising_steps=steps))
+    assert sure[1]["forward_passes"] <= stats["forward_passes"]
+
+
+def test_commit_rule_unset_is_the_threshold_and_the_most_confident_one():
+    """denoising_steps unset: a forward commits every position to do at least threshold confident,
+    and the row's most confident one (the first of equals), as the decoder always has."""
+    from decode import commit_rule
+    g = torch.Generator().manual_seed(0)
+    for threshold in (1.0, 0.9, 0.5):
+        conf = torch.randint(0, 6, (500, 8), generator=g).double() / 5  # many ties
+        todo = torch.rand(500, 8, generator=g) < 0.6
+        got = commit_rule(conf, todo, threshold, torch.ones(500, dtype=torch.long))
+        for c, t, row in zip(conf.tolist(), todo.tolist(), got.tolist()):
+            best = max((c[i] for i in range(8) if t[i]), default=None)
+            first = next((i for i in range(8) if t[i] and c[i] == best), None)
+            assert row == [t[i] and ((c[i] >= threshold and threshold < 1) or i == first) for i in range(8)]
 
 
 class StubModel(torch.nn.Module):
@@ -703,6 +759,14 @@ def test_sample_script(workdir, trained, threshold):
     if threshold == 1.0:  # 30 tokens in blocks of 8 from position 6: 5 blocks, 4 commit passes of their own
         assert last_json(out)["forward_passes"] == 30 + 4
     assert texts[True] == texts[False] == out.splitlines()[:-1]
+    # 2 denoising steps a block of 8 from position 6: 1 forward for the first block's 2 positions, 2 for
+    # each of the 3 whole blocks, 1 for the last 4 positions (30 tokens); fewer where the threshold commits more
+    code, out, err = run("sample.py", "--out_dir=out-dlm", "--start=ROMEO:", "--max_new_tokens=30",
+                         f"--threshold={threshold}", "--denoising_steps=2", cwd=workdir)
+    assert code == 0, err
+    stats = last_json(out)
+    assert stats["denoising_steps"] == 2 and stats["generated_tokens"] == 30
+    assert stats["forward_passes"] == 8 if threshold == 1.0 else stats["forward_passes"] <= 8
     code, out, err = run("sample.py", "--out_dir=out-ar", "--start=ROMEO:", "--max_new_tokens=20", "--show_steps=True",
                          cwd=workdir)
     assert code == 0, err
@@ -717,22 +781,23 @@ def speedup_matches(r, ar_tps):
 
 def test_bench_script_on_text(workdir, trained):
     code, out, err = run("bench.py", "--out_dir=out-dlm", "--device=cpu", "--thresholds=(1.0, 0.5)", "--batch_sizes=(1, 2)", "--unfused=1.0",
-                         "--max_new_tokens=16", "--n_samples=2", "--repeats=1", "--val_batches=1", "--start=ROMEO:",
-                         "--plot=bench.png", cwd=workdir)
+                         "--denoising_steps=4", "--max_new_tokens=16", "--n_samples=2", "--repeats=1", "--val_batches=1",
+                         "--start=ROMEO:", "--plot=bench.png", cwd=workdir)
     assert code == 0, err
     result = last_json(out)
     assert (workdir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "threads" in result["machine"]
-    rows = {(r["mode"], r["threshold"], r["fuse_commit"], r["batch_size"]): r for r in result["decode"]}
-    assert set(rows) == {(m, t, f, b) for m, t, f in [("ar", None, True), ("dlm", 1.0, True), ("dlm", 0.5, True),
-                                                      ("dlm", 1.0, False)] for b in (1, 2)}
+    rows = {(r["mode"], r["threshold"], r["fuse_commit"], r["denoising_steps"], r["batch_size"]): r for r in result["decode"]}
+    assert set(rows) == {(m, t, f, n, b) for m, t, f, n in [("ar", None, True, None), ("dlm", 1.0, True, 0), ("dlm", 0.5, True, 0),
+                                                            ("dlm", 1.0, False, 0), ("dlm", 1.0, True, 4)] for b in (1, 2)}
     # 16 tokens: one forward each for AR and for the dLM at threshold 1.0 (commits fused; the
     # prompt, 6 tokens, has no whole block of 8 to prefill); unfused, the 3 blocks (positions
-    # 6-7, 8-15, 16-21) need 2 commit passes more
-    assert rows["ar", None, True, 1]["forward_passes"] == 16 and rows["dlm", 1.0, True, 1]["forward_passes"] == 16
-    assert rows["dlm", 1.0, False, 1]["forward_passes"] == 18
-    assert rows["dlm", 0.5, True, 1]["forward_passes"] <= 16
-    for (mode, threshold, fuse, bs), r in rows.items():  # the speed-up over the AR row of the same batch size
-        ar_tps = rows["ar", None, True, bs]["tokens_per_s"]
+    # 6-7, 8-15, 16-21) need 2 commit passes more; 4 denoising steps a block: 1 forward for the 2
+    # positions of the first block (4 x 2 / 8), 4 for the whole one, 3 for the last 6 (4 x 6 / 8)
+    assert rows["ar", None, True, None, 1]["forward_passes"] == 16 and rows["dlm", 1.0, True, 0, 1]["forward_passes"] == 16
+    assert rows["dlm", 1.0, False, 0, 1]["forward_passes"] == 18 and rows["dlm", 1.0, True, 4, 1]["forward_passes"] == 8
+    assert rows["dlm", 0.5, True, 0, 1]["forward_passes"] <= 16
+    for (mode, threshold, fuse, steps, bs), r in rows.items():  # the speed-up over the AR row of the same batch size
+        ar_tps = rows["ar", None, True, None, bs]["tokens_per_s"]
         assert speedup_matches(r, ar_tps)
     assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 for r in rows.values())
     assert result["val"]["ar_loss"] > 0 and result["val"]["dlm_bound"] > 0
@@ -805,6 +870,31 @@ def test_gpu_check_runs_on_a_cpu():
     assert set(result["flex_vs_dense"]) == {"causal", "block", "block_noisy", "bidirectional"}
     assert isinstance(result["train"], list) and len(result["train"]) == 3 and all(r["tokens_per_s"] > 0 for r in result["train"])
     assert [r["lora"] for r in result["train"]] == [False, False, True]
+
+
+def test_decode_microbenchmark_counts_forwards_and_predicts_the_ceiling():
+    """dev/microbench.py --mode=decode on a tiny shape: AR and block decoding through the decoders at
+    batch 1 and 2, each row's forwards as denoising_steps sets them (a prompt of whole blocks: a
+    block in B / TPF forwards), and the ceiling recomputed from the forwards it ran, each at the
+    cost of a forward of its length measured in the same run."""
+    code, out, err = run("dev/microbench.py", "--mode=decode", "--shape=tiny", "--device=cpu", "--prompt_len=32",
+                         "--new_tokens=32", "--cache_len=128", "--repeats=1", "--decode_batches=(1, 2)", cwd=HERE)
+    assert code == 0, err
+    result = last_json(out)["decode"]
+    rows, cost = result["rows"], {(s["batch"], s["tokens"], s["block"]): s["ms"] for s in result["forward_ms"]}
+    want = [(None, 0)] + [(B, B // tpf) for B in (16, 32) for tpf in (2, 4, 8, 16)]
+    assert [(r["batch"], r["block"], r["denoising_steps"]) for r in rows] == [(b, *w) for b in (1, 2) for w in want]
+    for r in rows:
+        ar = next(a for a in rows if a["block"] is None and a["batch"] == r["batch"])
+        forwards = 32 if r["block"] is None else 32 // r["block"] * r["denoising_steps"]
+        assert r["forwards"] == sum(r["forwards_by_length"].values()) == forwards
+        assert r["tokens_per_forward"] == round(32 / forwards, 3)
+        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar["tokens_per_s"]) < 1e-3 * (1 + r["speedup_vs_ar"])
+        predicted = lambda row: sum(n * cost[row["batch"], int(L), row["block"]] for L, n in row["forwards_by_length"].items())
+        ceiling = predicted(ar) / predicted(r) / r["tokens_per_forward"]
+        assert abs(r["ceiling_over_tpf"] - ceiling) < 2e-3 * ceiling + 1e-3, (r, ceiling)
+    # the spans a block decoder runs: the prompt with the first block (fused), B, then 2B (a block's first forward)
+    assert set(map(int, rows[1]["forwards_by_length"])) == {48, 16, 32}
 
 
 def test_gen_quality_by_hand():
@@ -2100,7 +2190,7 @@ def test_line_budgets():
     lines of code."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) <= 250
-    budgets = {"model.py": 450, "decode.py": 320, "train.py": 450, "bench.py": 450, "configurator.py": 200}
+    budgets = {"model.py": 450, "decode.py": 330, "train.py": 450, "bench.py": 450, "configurator.py": 200}
     for f in project_files():
         lines = open(os.path.join(HERE, f), encoding="utf-8").read().splitlines()
         assert len(lines) <= budgets.get(f, 500), (f, len(lines))

@@ -8,6 +8,8 @@ Micro-benchmarks, and the one check to run on a GPU: what bench.py's decoding sp
                                                                 # --with_qwen=True: both)
     python dev/microbench.py --out_dir=out-tasks-dlm --mode=train   # a training step: AR vs dLM, MFU
     python dev/microbench.py --out_dir=out-tasks-dlm --mode=hf  # our AR decoding vs transformers' generate
+    python dev/microbench.py --mode=decode --shape=qwen3-0.6b   # AR against block decoding end to end, beside the
+                                                                # ceiling the forwards' own costs set (dev/decode_speed.py)
     python dev/microbench.py --mode=gpu                         # the GPU check (a few minutes, nothing to download)
     python dev/microbench.py --out_dir=out-tasks-dlm --mode=by_distance   # why some answers decode in parallel:
                                                                 # accuracy and confidence by distance from the last
@@ -30,32 +32,35 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from checkpoint import CheckpointError, load_run  # noqa: E402
 from configurator import load_config, resolve_device  # noqa: E402
-from decode import (Decoding, compiled_span_logits, generate_ar, generate_block, span_logits, step_model,  # noqa: E402
-                    stream_rule)
+from decode import Decoding, compiled_span_logits, generate_ar, span_logits, step_model, stream_rule  # noqa: E402
+from decode_speed import decode_rows  # noqa: E402
 from machine import cpu_has_bf16, describe_device, median_seconds, seconds_in_rounds  # noqa: E402
 from model import (ModelConfig, Recipe, Transformer, diffusion_logits, diffusion_loss, hf_name,  # noqa: E402
                    training_mask)
 
 # -----------------------------------------------------------------------------
-mode = "linear"                     # 'linear', 'forward', 'train', 'hf', 'gpu' or 'by_distance'
+mode = "linear"                     # 'linear', 'forward', 'decode', 'train', 'hf', 'gpu' or 'by_distance'
 out_dir = ""                        # a run whose shape to use (forward, train, hf); '': --shape
 shape = ""                          # 'qwen3-0.6b' or 'tiny': a random model of that shape; '': the run's
                                     # (gpu mode: qwen3-0.6b on a GPU, tiny on a CPU)
-cache_len = 512                     # forward: tokens in the cache
+cache_len = 512                     # forward, decode: tokens in the cache
+prompt_len = 128                    # decode: prompt tokens (random)
+new_tokens = 128                    # decode: tokens generated per row
+decode_batches = (1, 8)             # decode: batch sizes (gpu mode: 1)
 with_qwen = False                   # forward: also the Qwen3-0.6B shape, after the run's
 forward_block = 32                  # gpu: tokens in the block forward
 rows = (1, 2, 4, 8, 9, 16)          # forward: the tokens of each forward timed (1: a token forward)
-compile = False                     # train, forward, hf: compiled (on CUDA with CUDA graphs); gpu mode: both
+compile = False                     # train, forward, decode, hf: compiled (on CUDA with CUDA graphs); gpu mode: both
 train_batch = 16                    # train: rows per training step
 train_steps = 5                     # train: timed steps (the median is reported), after a warm-up
 peak_flops = 0.0                    # train: the device's peak FLOP/s for MFU; 0: from the table below
-repeats = 3                         # hf, gpu: timed runs (the median is reported), after a warm-up
+repeats = 3                         # hf, gpu, decode: timed runs (rounds; the median is reported), after a warm-up
 n_prompts = 100                     # by_distance: test prompts per task
 threshold = 0.9                     # by_distance: the confidence a forward commits at
 device = "auto"                     # 'auto' (a GPU if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 seed = 1337
 # -----------------------------------------------------------------------------
-MODES = ("linear", "forward", "train", "hf", "gpu", "by_distance")
+MODES = ("linear", "forward", "decode", "train", "hf", "gpu", "by_distance")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, by GPU name
 QWEN3_0_6B = dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128,
                   intermediate_size=3072, rope_theta=1e6, qk_norm=True, tie_embeddings=True)
@@ -340,18 +345,8 @@ def bench_gpu(opt):
                   f"{opt.cache_len}-token cache, batch 1, {'compiled' if compiled else 'eager'}: ratio {block / token:.2f}")
         return rows
 
-    def decode():
-        model = Transformer(ModelConfig(**dict(vars(cfg), context_len=256))).to(opt.device, dtype).eval()
-        prompts = [torch.randint(0, cfg.vocab_size - 1, (40,)).tolist()]
-        rows = {}
-        for compiled in (False, True) if opt.compile else (False,):
-            dec = Decoding(threshold=1.0, compile=compiled)
-            for name, fn in (("ar", lambda: generate_ar(model, prompts, 64, dec)),
-                             ("dlm", lambda: generate_block(model, prompts, 64, recipe, dec))):
-                seconds, (_, stats) = median_seconds(fn, opt.repeats, opt.device, warmup=1)
-                rows[f"{name}_{'compiled' if compiled else 'eager'}_ms_per_forward"] = round(1000 * seconds / stats["forward_passes"], 3)
-        print("decode steps, ms per forward at batch 1: " + ", ".join(f"{k.removesuffix('_ms_per_forward')} {v}" for k, v in rows.items()))
-        return rows
+    def decode():  # the decode mode's rows at batch 1, time-boxed: compiling a shape for CUDA graphs takes a while
+        return decode_rows(cfg, opt, (1,), budget_s=150)
 
     for name, fn in (("flex_vs_dense", flex_vs_dense), ("flex_step", flex_step), ("train", training), ("forward", forward),
                      ("decode", decode)):
@@ -486,6 +481,8 @@ def main(opt):
         sys.exit("error: pass --out_dir=<a run> for its shape, or --shape=qwen3-0.6b or --shape=tiny")
     if opt.mode == "by_distance":
         result = bench_by_distance(run, opt) if opt.out_dir else sys.exit("error: --mode=by_distance needs --out_dir")
+    elif opt.mode == "decode":
+        result = dict(decode=decode_rows(cfg, opt, opt.decode_batches))
     elif opt.mode == "train":
         result = bench_train(cfg, recipe, opt)
     elif opt.mode == "forward":  # the run's shape (or --shape's), and the Qwen3-0.6B shape
