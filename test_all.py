@@ -860,11 +860,14 @@ def test_linear_microbenchmark_names_the_machine():
 def test_gpu_check_runs_on_a_cpu():
     """The one prepared GPU check (dev/microbench.py --mode=gpu) runs on a CPU with a tiny shape, so it
     cannot rot: FlexAttention against the dense mask, the training steps, the forward ratio and
-    the decode steps, one JSON line."""
+    the decode mode's rows, one JSON line."""
     code, out, err = run("dev/microbench.py", "--mode=gpu", "--device=cpu", "--cache_len=64", "--forward_block=8",
-                         "--train_steps=1", "--repeats=1", cwd=HERE)
+                         "--train_steps=1", "--repeats=1", "--prompt_len=32", "--new_tokens=32", cwd=HERE)
     assert code == 0, err
     result = last_json(out)
+    decoded = result["decode"]["rows"]  # the decode mode's rows, batch 1: AR, then blocks of 16 and 32 at TPF 2 to 16
+    assert [(r["batch"], r["block"], r["tokens_per_forward"]) for r in decoded] == [(1, None, 1.0)] + [
+        (1, B, tpf) for B in (16, 32) for tpf in (2.0, 4.0, 8.0, 16.0)] and all(r["tokens_per_s"] > 0 for r in decoded)
     assert result["gpu_check"]["shape"] == "tiny" and not any("error" in result[k] for k in ("flex_vs_dense", "flex_step", "forward", "decode"))
     assert result["flex_step"]["loss"] < 1e-4 and (result["flex_step"]["grads"] or 0.0) < 1e-4  # None: no backward there
     assert set(result["flex_vs_dense"]) == {"causal", "block", "block_noisy", "bidirectional"}

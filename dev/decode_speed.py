@@ -35,14 +35,14 @@ def decode_runs(model, mask_id, blocks, tpfs, compiled):
 def span_timer(model, prompts, length, recipe, compiled, reps=4):
     """A function that runs forwards of `length` tokens the way the decoders do (the same Window,
     so the same module, dtype, graphs and cache), and the number it runs: a prefill from position
-    0 when as long as the prompt, else `reps` steps in a row right after it (back to back, as a
-    decoder runs them: a lone forward pays for waking the threads)."""
+    0 when as long as the prompt, else `reps` steps in a row right after it, as a decoder runs them."""
     B = recipe.block_size if recipe else 1
     seq = torch.tensor(prompts, device=model.embed_tokens.weight.device).repeat(1, 4)
     rule = stream_rule(recipe.pattern, B) if recipe else stream_rule("causal", 1)
     window = Window(model, seq, rule, Decoding(compile=compiled), align=B, step_lengths=(1, B, B + 1, 2 * B))
     start, reps = (0, 1) if length >= len(prompts[0]) else (len(prompts[0]), reps)
 
+    @torch.no_grad()
     def run():
         window.model.setup_cache(len(prompts))  # the decoders detach the cache after each generation
         for _ in range(reps):

@@ -47,6 +47,8 @@ cache_len = 512                     # forward, decode: tokens in the cache
 prompt_len = 128                    # decode: prompt tokens (random)
 new_tokens = 128                    # decode: tokens generated per row
 decode_batches = (1, 8)             # decode: batch sizes (gpu mode: 1)
+decode_blocks = (16, 32)            # decode: block sizes
+decode_tpfs = (2, 4, 8, 16)         # decode: tokens per forward (denoising_steps = block / TPF)
 with_qwen = False                   # forward: also the Qwen3-0.6B shape, after the run's
 forward_block = 32                  # gpu: tokens in the block forward
 rows = (1, 2, 4, 8, 9, 16)          # forward: the tokens of each forward timed (1: a token forward)
@@ -278,8 +280,8 @@ def bench_gpu(opt):
     download): FlexAttention against the dense mask for every pattern (bf16, compiled), and a training
     step's loss and gradients through it against the dense mask's; a training step of a random
     Qwen3-0.6B-shaped model, AR and dLM, dense and FlexAttention, compiled, all weights and LoRA; a
-    block forward over a token forward, eager and compiled with CUDA graphs; the decode steps. On a
-    CPU, --shape=tiny runs the same code in seconds."""
+    block forward over a token forward, eager and compiled with CUDA graphs; last, the decode
+    mode's rows at batch 1 (time-boxed). On a CPU, --shape=tiny runs the same code in seconds."""
     cuda = opt.device.startswith("cuda")
     # compiled everywhere on a GPU (on a CPU only with --compile=True: compiling is slow there); a short run
     opt = SimpleNamespace(**dict(vars(opt), compile=opt.compile or cuda, train_batch=min(opt.train_batch, 8),
@@ -346,7 +348,7 @@ def bench_gpu(opt):
         return rows
 
     def decode():  # the decode mode's rows at batch 1, time-boxed: compiling a shape for CUDA graphs takes a while
-        return decode_rows(cfg, opt, (1,), budget_s=150)
+        return decode_rows(cfg, opt, (1,), opt.decode_blocks, opt.decode_tpfs, budget_s=150)
 
     for name, fn in (("flex_vs_dense", flex_vs_dense), ("flex_step", flex_step), ("train", training), ("forward", forward),
                      ("decode", decode)):
@@ -482,7 +484,7 @@ def main(opt):
     if opt.mode == "by_distance":
         result = bench_by_distance(run, opt) if opt.out_dir else sys.exit("error: --mode=by_distance needs --out_dir")
     elif opt.mode == "decode":
-        result = dict(decode=decode_rows(cfg, opt, opt.decode_batches))
+        result = dict(decode=decode_rows(cfg, opt, opt.decode_batches, opt.decode_blocks, opt.decode_tpfs))
     elif opt.mode == "train":
         result = bench_train(cfg, recipe, opt)
     elif opt.mode == "forward":  # the run's shape (or --shape's), and the Qwen3-0.6B shape
