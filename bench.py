@@ -21,8 +21,9 @@ A benchmark file (--eval) has one JSON object per line: {"prompt": ..., "answer"
 with check 'exact' (the default), 'number' (the output's last number is the answer's, as GSM8K is
 scored) or 'choice' (its first option letter); AR and the dLM at each threshold decode every
 prompt, and every output is written to <out_dir>/eval-<file>.jsonl.
-Speed (timed separately, greedy): AR with its KV cache and the dLM at each threshold, at each
-batch size: tokens per forward, forward passes, tokens/s and the speed-up over AR.
+Speed (timed separately, greedy): AR with its KV cache and the dLM at each threshold (and each
+--denoising_steps, fixed forwards per block), at each batch size: tokens per forward, forward
+passes, tokens/s and the speed-up over AR.
 
 The last line printed is one JSON object with every row. What the speed rests on (a block
 forward against a token forward, the machine's peaks, a training step, the GPU check) is
@@ -126,7 +127,7 @@ def decode_speeds(decodes, prompts, max_new, batch_size, opt, count_end=False):
 
 
 def bench_decode(ar, dlm, opt):
-    """Quality, then speed, of AR and of the dLM at each threshold (and one threshold unfused)."""
+    """Quality, then speed, of AR and of the dLM at each threshold and denoising_steps (and one threshold unfused)."""
     recipe = dlm.recipe and dataclasses.replace(dlm.recipe, block_size=opt.block_size or dlm.recipe.block_size)
     tasks_mode = bool(dlm.meta.get("tasks")) or os.path.exists(os.path.join("data", dlm.config["dataset"], "test.jsonl"))
     tokenizer, g = dlm.tokenizer(), torch.Generator(opt.device)
@@ -259,7 +260,7 @@ def bench_eval(ar, dlm, opt):
     if opt.chat and dlm.meta.get("tokenizer") != "tiktoken":
         raise ValueError("--chat=True needs a converted Qwen run (a character model has no chat template)")
     tokenizer, g = dlm.tokenizer(), torch.Generator(opt.device)
-    greedy = Decoding(end_ids=dlm.end_ids)
+    greedy = Decoding(end_ids=dlm.end_ids, auto_bf16=opt.dtype == "auto")
     recipe = dlm.recipe and dataclasses.replace(dlm.recipe, block_size=opt.block_size or dlm.recipe.block_size)
     runs = [("ar", None, ar.model, None, greedy)] + [("dlm", th, dlm.model, recipe, dataclasses.replace(greedy, threshold=th))
                                                    for th in (opt.thresholds if recipe else ())]
@@ -314,6 +315,8 @@ def main(opt):
         require("matplotlib", "--plot")
         if opt.eval:
             sys.exit("error: --plot draws the built-in benchmark's rows; leave it out with --eval")
+    if opt.eval and opt.denoising_steps:
+        sys.exit("error: --denoising_steps adds rows to the built-in benchmark; leave it out with --eval")
     opt.device = resolve_device(opt.device)
     ptdtype = resolve_dtype(opt.dtype, opt.device)
     torch.manual_seed(opt.seed)

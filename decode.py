@@ -35,7 +35,7 @@ from model import attention_rule, dense_mask
 class Decoding:
     """How to decode, AR or dLM. Every script builds one, so the ranges are checked here."""
     threshold: float = 0.9          # dLM: commit every masked token at least this confident (and always the
-                                    # most confident one); 1.0: one token per forward
+                                    # most confident one); 1.0: none by confidence (one a forward, or the shares)
     denoising_steps: int = 0        # dLM: also commit, each forward, at least an even share of a block's free
                                     # positions (the most confident), so a block takes at most this many; 0: off
     temperature: float = 0.0        # 0: greedy
@@ -61,7 +61,7 @@ class Decoding:
 
 def pick(logits, temperature=0.0, top_k=0, generator=None):
     """Token and its probability (the confidence) per position, without host syncs. Greedy: exp(top -
-    logsumexp) in float32 (a float64 softmax of a 151,936-token vocabulary costs a tenth of a forward)."""
+    logsumexp), the logsumexp in float32 (a float64 softmax of 151,936 logits a position cost a sixth of a forward)."""
     if temperature == 0:
         top, tok = logits.float().max(dim=-1)
         return tok, (top - torch.logsumexp(logits.float(), dim=-1)).double().exp()
@@ -227,7 +227,7 @@ class Window:
         self.cached_to = 0      # the cache holds clean keys/values for absolute positions [w, cached_to)
         self.forwards = collections.Counter()  # forwards by the number of tokens they run
         # spans of these lengths (the steps) compiled if asked, a graph each; the others (prefills) one
-        self.compiled = set(step_lengths) if decoding.compile and self.kv_cache else set()
+        self.steps, self.compiled = set(step_lengths), decoding.compile and self.kv_cache
         self.model, self.large = step_model(model, decoding)
         self.model.setup_cache(seq.size(0)) if self.kv_cache else self.model.clear_cache()
 
@@ -260,10 +260,10 @@ class Window:
         for start, end, first in spans:
             self.forwards[end - start] += 1
             pos = torch.arange(start - self.w, end - self.w, device=self.seq.device)
-            tokens, T, n_keys = self.seq[:, start:end], end - start, filled_keys(end - self.w, self.ctx)
-            if self.compiled:  # the logits of every token, sliced after; the tokens copied (a view's
-                # strides depend on the buffer's length)
-                run = compiled_span_logits(self.large, dynamic=T not in self.compiled)
+            tokens, T = self.seq[:, start:end], end - start  # a step attends to the filled keys, a prefill to all:
+            n_keys = filled_keys(end - self.w, self.ctx) if T in self.steps else None
+            if self.compiled:  # every logit, sliced after; the tokens copied (a view's strides vary with the buffer)
+                run = compiled_span_logits(self.large, dynamic=T not in self.steps)
                 logits = run(self.model, tokens.clone(memory_format=torch.contiguous_format), pos, self.rule, T,
                              kv_cache=self.kv_cache, n_keys=n_keys)[:, first - start:]
             else:
@@ -295,7 +295,7 @@ def compiled_span_logits(frozen=False, dynamic=False):
     """span_logits compiled, on first use: one graph per step shape (an AR step, a block step, a fused
     commit), which a GPU replays as a CUDA graph; or with `dynamic` one for spans of any length.
     `frozen`: the weights are constants of the graph, prepacked (a large model on a CPU, step_model)."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x batch sizes
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)  # shapes x batches x keys
     frozen = {"freezing": True, "emulate_precision_casts": True} if frozen else None  # rounding as eager does
     return torch.compile(span_logits, dynamic=dynamic, options=frozen,
                          mode="reduce-overhead" if torch.cuda.is_available() and not dynamic else None)
@@ -315,15 +315,16 @@ def step_model(model, decoding):
     nearer one row's cost: a bfloat16 copy (unless auto_bf16 is off), made again when the weights
     change; compiled, the weights frozen (prepacked) in either dtype."""
     p = model.embed_tokens.weight
-    if not (decoding.kv_cache and p.device.type == "cpu" and p.dtype == torch.float32):
+    if not (p.device.type == "cpu" and p.dtype == torch.float32):
         return model, False
     if sum(q.numel() for q in model.parameters()) * 4 < LARGE_WEIGHTS:
         return model, False
+    frozen = decoding.compile and decoding.kv_cache  # (without the cache nothing is compiled)
     if not (decoding.auto_bf16 and cpu_has_bf16()):
-        return model, decoding.compile
+        return model, frozen
     key = [(q.data_ptr(), q._version) for q in model.parameters()]
     kept = BF16_COPIES.get(model)
     if kept is None or kept[0] != key:
         model.drop_caches()  # the copy needs no caches of its own
         kept = BF16_COPIES[model] = (key, copy.deepcopy(model).to(torch.bfloat16))
-    return kept[1], decoding.compile
+    return kept[1], frozen

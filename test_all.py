@@ -456,19 +456,32 @@ def test_denoising_steps_forward_counts_equal_a_brute_force_count(steps):
     assert sure[1]["forward_passes"] <= stats["forward_passes"]
 
 
-def test_commit_rule_unset_is_the_threshold_and_the_most_confident_one():
-    """denoising_steps unset: a forward commits every position to do at least threshold confident,
-    and the row's most confident one (the first of equals), as the decoder always has."""
+def test_commit_rule_against_a_brute_force_loop():
+    """A forward commits every position still to do at least threshold confident (none at 1.0), and
+    the row's `share` most confident ones, at least one (the first of equals first): with share 1,
+    denoising_steps unset, what the decoder always did. Checked by sorting each row by hand."""
     from decode import commit_rule
     g = torch.Generator().manual_seed(0)
     for threshold in (1.0, 0.9, 0.5):
         conf = torch.randint(0, 6, (500, 8), generator=g).double() / 5  # many ties
         todo = torch.rand(500, 8, generator=g) < 0.6
-        got = commit_rule(conf, todo, threshold, torch.ones(500, dtype=torch.long))
-        for c, t, row in zip(conf.tolist(), todo.tolist(), got.tolist()):
-            best = max((c[i] for i in range(8) if t[i]), default=None)
-            first = next((i for i in range(8) if t[i] and c[i] == best), None)
-            assert row == [t[i] and ((c[i] >= threshold and threshold < 1) or i == first) for i in range(8)]
+        share = torch.randint(0, 5, (500,), generator=g)
+        got = commit_rule(conf, todo, threshold, share)
+        for c, t, k, row in zip(conf.tolist(), todo.tolist(), share.tolist(), got.tolist()):
+            ranked = sorted((i for i in range(8) if t[i]), key=lambda i: (-c[i], i))[:max(k, 1)]
+            assert row == [t[i] and ((c[i] >= threshold and threshold < 1) or i in ranked) for i in range(8)]
+
+
+def test_greedy_pick_is_the_float64_softmax_and_the_keys_cover_the_filled_cache():
+    """The greedy token is the argmax, its confidence the float64 softmax's maximum to 1e-5; the keys a
+    step attends to are the filled ones rounded up to an eighth, a quarter, a half or the context."""
+    from decode import filled_keys, pick
+    for scale in (1.0, 10.0, 40.0):
+        logits = torch.randn(4, 16, 5000, generator=torch.Generator().manual_seed(1)) * scale
+        tok, conf = pick(logits)
+        probs = torch.softmax(logits.double(), dim=-1)
+        assert torch.equal(tok, logits.argmax(-1)) and torch.allclose(conf, probs.max(-1).values, rtol=1e-5, atol=0)
+    assert [filled_keys(n, 512) for n in (1, 64, 65, 128, 129, 256, 257, 512)] == [64, 64, 128, 128, 256, 256, 512, 512]
 
 
 class StubModel(torch.nn.Module):
@@ -891,7 +904,7 @@ def test_decode_microbenchmark_counts_forwards_and_predicts_the_ceiling():
         ar = next(a for a in rows if a["block"] is None and a["batch"] == r["batch"])
         forwards = 32 if r["block"] is None else 32 // r["block"] * r["denoising_steps"]
         assert r["forwards"] == sum(r["forwards_by_length"].values()) == forwards
-        assert r["tokens_per_forward"] == round(32 / forwards, 3)
+        assert r["tokens_per_forward"] == round(32 / forwards, 3) and r["own_ms_per_forward"] > 0
         assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / ar["tokens_per_s"]) < 1e-3 * (1 + r["speedup_vs_ar"])
         predicted = lambda row: sum(n * cost[row["batch"], int(L), row["block"]] for L, n in row["forwards_by_length"].items())
         ceiling = predicted(ar) / predicted(r) / r["tokens_per_forward"]
@@ -1246,7 +1259,7 @@ def bad_inputs(d, ckpt):
         ("negative top_k", ["sample.py", f"--out_dir={ckpt.name}", "--top_k=-5"], ["top_k", "-5", "--top_k"]),
         ("negative temperature", ["sample.py", f"--out_dir={ckpt.name}", "--temperature=-1"], ["temperature", "--temperature"]),
         ("no timed runs (bench)", ["bench.py", f"--out_dir={ckpt.name}", "--repeats=0"], ["repeats", "--repeats"]),
-        ("unknown mode (microbench)", ["dev/microbench.py", "--mode=decode"], ["decode", "--mode"]),
+        ("unknown mode (microbench)", ["dev/microbench.py", "--mode=nope"], ["nope", "--mode"]),
         ("no cuda", ["train.py", *T, "--device=cuda"], ["cuda", "--device=cpu"]),
         ("unknown device (train)", ["train.py", *T, "--device=gpu"], ["'gpu'", "--device=cpu"]),
         ("unknown device (sample)", ["sample.py", f"--out_dir={ckpt.name}", "--device=gpu"], ["'gpu'", "--device=cpu"]),

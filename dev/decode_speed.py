@@ -18,8 +18,27 @@ import torch
 from tqdm import tqdm
 
 from decode import Decoding, Window, generate_ar, generate_block, step_model, stream_rule
-from machine import describe_device, seconds_in_rounds
+from machine import describe_device, median_seconds, seconds_in_rounds
 from model import ModelConfig, Recipe, Transformer
+
+
+class ReadyLogits(torch.nn.Module):
+    """Stands in for the model with logits made in advance (random, the shape's vocabulary): a
+    decoder run on it costs its own work alone (picks, commits, masks, Python)."""
+
+    def __init__(self, cfg, batch, device):
+        super().__init__()
+        self.embed_tokens, self.config = torch.nn.Embedding(1, 1, device=device), cfg
+        self.logits = torch.randn(batch, 32, cfg.vocab_size, device=device)  # a decoder wants a block's at most
+
+    def setup_cache(self, b):
+        pass
+
+    def clear_cache(self):
+        pass
+
+    def forward(self, idx, pos, mask, logits_slice=slice(None)):
+        return self.logits[:, :len(range(idx.size(1))[logits_slice])]
 
 
 def decode_runs(model, mask_id, blocks, tpfs, compiled):
@@ -32,23 +51,27 @@ def decode_runs(model, mask_id, blocks, tpfs, compiled):
     return runs
 
 
-def span_timer(model, prompts, length, recipe, compiled, reps=4):
-    """A function that runs forwards of `length` tokens the way the decoders do (the same Window,
-    so the same module, dtype, graphs and cache), and the number it runs: a prefill from position
-    0 when as long as the prompt, else `reps` steps in a row right after it, as a decoder runs them."""
-    B = recipe.block_size if recipe else 1
-    seq = torch.tensor(prompts, device=model.embed_tokens.weight.device).repeat(1, 4)
+def span_timer(model, prompts, length, recipe, compiled, n_new, reps=4):
+    """A function that runs forwards of `length` tokens as the decoders run them, and how many it
+    runs: the same Window (module, dtype, graphs, cache and keys) and the same logits (an AR
+    forward wants its last token's, a block forward its block's). A prefill (no step's length) runs
+    once from position 0; a step `reps` times in a row, amid the generation, where decoders run it."""
+    B, P, ctx = recipe.block_size if recipe else 1, len(prompts[0]), model.config.context_len
+    seq = torch.tensor(prompts, device=model.embed_tokens.weight.device).repeat(1, ctx // P + 1)[:, :ctx]
     rule = stream_rule(recipe.pattern, B) if recipe else stream_rule("causal", 1)
-    window = Window(model, seq, rule, Decoding(compile=compiled), align=B, step_lengths=(1, B, B + 1, 2 * B))
-    start, reps = (0, 1) if length >= len(prompts[0]) else (len(prompts[0]), reps)
+    steps = (B, B + 1, 2 * B) if recipe else (1,)  # the decoders' own
+    window = Window(model, seq, rule, Decoding(compile=compiled), align=B, step_lengths=steps)
+    prefill = length not in steps
+    start = 0 if prefill else min((P + n_new // 2) // B * B, (ctx - length) // B * B)
 
     @torch.no_grad()
     def run():
         window.model.setup_cache(len(prompts))  # the decoders detach the cache after each generation
-        for _ in range(reps):
+        for _ in range(1 if prefill else reps):
             window.cached_to = start
-            window(start, start + length, clean_to=start)
-    return run, reps
+            lo = start + length - B  # the logits wanted: the last B (AR: the last token's)
+            window(lo, start + length, clean_to=lo)
+    return run, 1 if prefill else reps
 
 
 def decode_rows(cfg, opt, batch_sizes, blocks=(16, 32), tpfs=(2, 4, 8, 16), budget_s=None):
@@ -74,23 +97,29 @@ def decode_rows(cfg, opt, batch_sizes, blocks=(16, 32), tpfs=(2, 4, 8, 16), budg
         stats = []
         for g in tqdm(gens, desc=f"batch {bs}: warm-up{' (compiling)' if opt.compile else ''}", unit="run", leave=False):
             if budget_s and time.perf_counter() - t_start > budget_s:
-                print(f"(the runs after {runs[len(stats) - 1][0]} skipped: the part's {budget_s} s are spent)")
+                print(f"({runs[len(stats)][0]} and the runs after it skipped: the part's {budget_s} s are spent)")
                 break
             stats.append(g()[1])
+        if not stats:
+            break
         runs, gens = runs[:len(stats)], gens[:len(stats)]
         spans = sorted({(L, r) for (_, r, _), s in zip(runs, stats) for L in s["forwards_by_length"]},
                        key=lambda x: (x[0], x[1] is not None and x[1].block_size))
-        timers, reps = zip(*[span_timer(model, prompts, L, r, opt.compile) for L, r in spans])
-        for t in timers:  # their graphs (a fused step of a length no decoder compiled) before the clock
+        timers, reps = zip(*[span_timer(model, prompts, L, r, opt.compile, n_new) for L, r in spans])
+        for t in timers:  # a warm-up
             t()
         fns = gens + list(timers)
         bar = tqdm(total=opt.repeats * len(fns), desc=f"batch {bs}: rounds", unit="call", leave=False)
         timed = seconds_in_rounds([lambda f=f: (f(), bar.update())[0] for f in fns], opt.repeats, device, spread=True)
         bar.close()
         cost = {key: t[0] / n for key, t, n in zip(spans, timed[len(gens):], reps)}
+        ready = ReadyLogits(model.config, bs, device)  # the decoders' own work, eager
+        own = [median_seconds(lambda r=r, d=d: generate_ar(ready, prompts, n_new, d) if r is None else
+                              generate_block(ready, prompts, n_new, r, d), opt.repeats, device)[0] / s["forward_passes"]
+               for (_, r, d), s in zip(runs, stats)]
         predicted = [sum(n * cost[(L, r)] for L, n in s["forwards_by_length"].items())
                      for (_, r, _), s in zip(runs, stats)]
-        for (name, r, d), s, (median, fast, slow), pred in zip(runs, stats, timed, predicted):
+        for (name, r, d), s, (median, fast, slow), pred, o in zip(runs, stats, timed, predicted, own):
             tpf = n_new / s["forward_passes"]
             speedup, ceiling = timed[0][0] / median, predicted[0] / pred
             rows.append(dict(run=name, block=r and r.block_size, denoising_steps=d.denoising_steps, batch=bs,
@@ -99,10 +128,11 @@ def decode_rows(cfg, opt, batch_sizes, blocks=(16, 32), tpfs=(2, 4, 8, 16), budg
                                                                                              round(bs * n_new / fast, 2)],
                              speedup_vs_ar=round(speedup, 3), speedup_over_tpf=round(speedup / tpf, 3),
                              ceiling_over_tpf=round(ceiling / tpf, 3), of_ceiling=round(speedup / ceiling, 3),
-                             forwards_by_length=s["forwards_by_length"]))
+                             own_ms_per_forward=round(1000 * o, 3), forwards_by_length=s["forwards_by_length"]))
         span_rows += [dict(batch=bs, tokens=L, block=r and r.block_size, ms=round(1000 * cost[(L, r)], 4)) for L, r in spans]
         spans_ms = ", ".join(f"{L}{'' if r is None else f' (B{r.block_size})'}: {1000 * cost[(L, r)]:.1f}" for L, r in spans)
-        print(f"\nbatch {bs}: ms per forward by tokens run: {spans_ms}")
+        print(f"\nbatch {bs}: ms per forward by tokens run: {spans_ms}; the decoders' own work (ready logits), ms per "
+              f"forward: " + ", ".join(f"{row['run']} {row['own_ms_per_forward']:.2f}" for row in rows[-len(runs):]))
         print(f"{'':22}{'forwards':>9}{'TPF':>6}{'tok/s':>9}{'(range)':>16}{'speedup':>9}{'/ TPF':>7}{'ceiling':>9}"
               f"{'of it':>7}")
         for row in rows[-len(runs):]:

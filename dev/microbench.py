@@ -212,9 +212,9 @@ def bench_train(cfg, recipe, opt):
 def forward_ms(cfg, opt, compiled, dtype, rows=(1, 32)):
     """Milliseconds of one forward of M tokens for each M in `rows` (M=1: a token, causal; more: a
     block, bidirectional inside), against a KV cache holding `cache_len` tokens, batch 1: where
-    both read all the weights, their ratio is what a dLM pays per forward. Compiled: the
-    fixed-shape step that Decoding(compile=True) runs (CUDA graphs on a GPU; on a CPU the kernels
-    decode.step_model picks: the dtype in the result)."""
+    both read all the weights, their ratio is what a dLM pays per forward. On the module
+    decode.step_model picks (its dtype in the result); compiled, the fixed-shape step that
+    Decoding(compile=True) runs (CUDA graphs on a GPU)."""
     cfg = ModelConfig(**dict(vars(cfg), context_len=opt.cache_len + max(rows)))
     model = Transformer(cfg).to(opt.device, dtype).eval()
     model, frozen = step_model(model, Decoding(compile=compiled))
@@ -239,7 +239,7 @@ def forward_ms(cfg, opt, compiled, dtype, rows=(1, 32)):
 def bench_forward(shapes, opt):
     """Per M in opt.rows, for each (name, config): the ms of the model's MLP up-projection (one
     linear) and of a whole forward, on the path decoding takes (--compile=True: the compiled
-    steps; else eager float32), beside the roofline floor over one token: a forward reads every
+    steps; else eager, in decode.step_model's dtype), beside the roofline floor: a forward reads every
     weight once (bytes / the memory rate) and multiplies 2 x M x weights (FLOPs / the matmul rate),
     so its time is at least the larger of the two, and the floor of the ratio to M=1 is
     max(1, FLOPs(M) x rate / (bytes x peak))."""
@@ -388,9 +388,10 @@ def bench_hf(c, opt):
             out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                               pad_token_id=0, eos_token_id=None)
         return out[0, len(prompt):].tolist()
-    runs = [("ours", lambda: generate_ar(ours, [prompt], n)[0][0])]
+    same = Decoding(auto_bf16=False)  # in float32, as transformers runs
+    runs = [("ours", lambda: generate_ar(ours, [prompt], n, same)[0][0])]
     if opt.compile:
-        runs.append(("ours compiled", lambda: generate_ar(ours, [prompt], n, Decoding(compile=True))[0][0]))
+        runs.append(("ours compiled", lambda: generate_ar(ours, [prompt], n, Decoding(compile=True, auto_bf16=False))[0][0]))
     rates, tokens = {}, {}
     for name, fn in runs + [("transformers", run_hf)]:
         seconds, tokens[name] = median_seconds(fn, opt.repeats, device, warmup=1)
