@@ -231,8 +231,8 @@ def draw_plot(rows, path, title):
     import matplotlib.pyplot as plt
     rows = [r for r in rows if r["batch_size"] == rows[0]["batch_size"] and not r["compiled"] and r["fuse_commit"]]
     ar, dlm = rows[0], sorted(rows[1:], key=lambda r: r["tokens_per_forward"])
-    lines = [(f"dLM, by {by}", [r for r in dlm if bool(r["denoising_steps"]) == (by == "denoising_steps")], key)
-             for by, key in (("threshold", "threshold"), ("denoising_steps", "denoising_steps"))]
+    lines = [("dLM, by threshold", [r for r in dlm if not r["denoising_steps"]], "threshold"),
+             ("dLM, by denoising_steps", [r for r in dlm if r["denoising_steps"]], "denoising_steps")]
     quality = "accuracy" if ar["accuracy"] is not None else "gen_ppl"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in zip(axes, (quality, "tokens_per_s"), ("accuracy (%)" if quality == "accuracy" else

@@ -3,9 +3,7 @@ Decoding: AR, one token per forward, and block-parallel threshold decoding of a 
 LM, both with the exact static KV cache of model.py. In reading order: how to decode
 (Decoding), picking a token, the two decoders; then the window that runs spans of tokens
 through the model and its cache; then what makes it fast (compiled steps, and a bfloat16 copy
-of a large model on a CPU). A forward commits what is confident enough (the threshold), and
-with denoising_steps (SDAR's name) at least an even share of its block: quality against forwards
-at a fixed budget, and tokens per forward set on a model that is never confident (when timing).
+of a large model on a CPU).
 
 All rows of a batch share the absolute positions (prompts are right-padded), so one mask serves
 the batch; a row's tokens never depend on the other rows: prompt positions are forced, positions
@@ -36,8 +34,7 @@ class Decoding:
     """How to decode, AR or dLM. Every script builds one, so the ranges are checked here."""
     threshold: float = 0.9          # dLM: commit every masked token at least this confident (and always the
                                     # most confident one); 1.0: none by confidence (one a forward, or the shares)
-    denoising_steps: int = 0        # dLM: also commit, each forward, at least an even share of a block's free
-                                    # positions (the most confident), so a block takes at most this many; 0: off
+    denoising_steps: int = 0        # dLM: each forward also commits its even share of the block: this many a block
     temperature: float = 0.0        # 0: greedy
     top_k: int = 0                  # 0: no top-k filtering
     fuse_commit: bool = True        # dLM: write a finished block into the cache in the next block's first forward
@@ -55,16 +52,16 @@ class Decoding:
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be 0 (off) or a positive number of tokens, got {self.top_k!r} (--top_k)")
         if not (isinstance(self.denoising_steps, int) and self.denoising_steps >= 0):
-            raise ValueError(f"denoising_steps must be 0 (off) or a positive number of forwards per block, "
-                             f"got {self.denoising_steps!r} (--denoising_steps)")
+            raise ValueError(f"denoising_steps must be 0 (off) or forwards a block, got {self.denoising_steps!r} "
+                             "(--denoising_steps)")
 
 
 def pick(logits, temperature=0.0, top_k=0, generator=None):
     """Token and its probability (the confidence) per position, without host syncs. Greedy: exp(top -
-    logsumexp), the logsumexp in float32 (a float64 softmax of 151,936 logits a position cost a sixth of a forward)."""
+    logsumexp) in the logits' float32 (a float64 softmax of 151,936 logits a position cost a sixth of a forward)."""
     if temperature == 0:
-        top, tok = logits.float().max(dim=-1)
-        return tok, (top - torch.logsumexp(logits.float(), dim=-1)).double().exp()
+        top, tok = logits.max(dim=-1)
+        return tok, (top - torch.logsumexp(logits, dim=-1)).double().exp()
     logits = logits.double() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -104,14 +101,14 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
     """Block-parallel decoding of a block-diffusion LM.
 
     Blocks lie on the absolute grid 0..B-1, B..2B-1, ...; a block starts with its free positions
-    masked and each forward commits what commit_rule says: at most B forwards a block, at most
-    `denoising_steps` with them. Its logits are those of the noisy copy of training
-    (model.diffusion_logits), its earlier blocks clean in the cache; with token shift the logits
-    at i-1 predict token i, so the forward starts one token earlier, at the clean end of the block
-    before. A finished block must be written into the cache before the next block can see it:
-    with `fuse_commit` in the next block's first forward ([clean block k ; masked block k+1], the
-    training rule), else in a commit pass of its own. `on_step(s, block, committed)` is called
-    after every forward. Bidirectional attention is decoded without the cache, the only exact way.
+    masked, each forward commits what commit_rule says (at most B forwards a block, or
+    `denoising_steps`). Its logits are those of the noisy copy of training (model.diffusion_logits),
+    its earlier blocks clean in the cache; with token shift the logits at i-1 predict token i, so
+    the forward starts one token earlier, at the clean end of the block before. A finished block is
+    written into the cache before the next block can see it: with `fuse_commit` in the next block's
+    first forward ([clean block k ; masked block k+1], the training rule), else in a commit pass of
+    its own. `on_step(s, block, committed)` is called after every forward. Bidirectional attention
+    is decoded without the cache, the only exact way.
 
     stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
     row_forwards, per row the forwards spent on its own output (the steps in which it had masks
@@ -130,15 +127,14 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
         block = seq[:, s:s + B]  # a view: commits write straight into seq
         todo = free[:, s:s + B] & ~done[:, None]
         blocks += todo.any(-1)
-        plan, k = shares(todo.sum(-1), decoding.denoising_steps, B), 0  # k: the block's forwards so far
+        plan = iter(shares(todo.sum(-1), decoding.denoising_steps or B, B).T)  # each forward's shares (b,)
         while todo.any():  # the one host sync per forward
             steps += todo.any(-1)
             logits = window(max(s - shift, 0), s + B, clean_to=s)
             if shift and s == 0:  # position 0 is a prompt token: nothing predicts it
                 logits = F.pad(logits, (0, 0, 1, 0))
             tok, conf = pick(logits[:, :B], decoding.temperature, decoding.top_k, generator)
-            commit = commit_rule(conf, todo, decoding.threshold, plan[:, k])
-            k += 1
+            commit = commit_rule(conf, todo, decoding.threshold, next(plan))
             block.copy_(torch.where(commit, tok, block))
             todo &= ~commit
             ended = (torch.isin(block, ends) & free[:, s:s + B]).long()  # what follows a row's end token is dropped
@@ -156,10 +152,8 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
 def shares(n, steps, B):
     """(b, B): the fewest positions the k-th forward of a block commits, rows with n (b,) free. LLaDA's
     even split, n // m each and one more in the first n % m, over m = ceil(steps n / B) forwards:
-    `steps` for a whole block, proportionally fewer for a partial one. steps 0: one a forward."""
+    `steps` for a whole block, proportionally fewer for a partial one (steps = B: one a forward)."""
     j = torch.arange(B, device=n.device)
-    if not steps:
-        return torch.ones_like(n)[:, None].expand(-1, B)
     m = torch.minimum((steps * n + B - 1) // B, n).clamp(min=1)
     return torch.where(j < m[:, None], (n // m)[:, None] + (j < (n % m)[:, None]), 0)
 
@@ -231,8 +225,7 @@ class Window:
         self.model, self.large = step_model(model, decoding)
         self.model.setup_cache(seq.size(0)) if self.kv_cache else self.model.clear_cache()
 
-    def stats(self, **more):
-        """forward_passes, and forwards_by_length {tokens run: forwards} (what the forwards cost)."""
+    def stats(self, **more):  # forward_passes, and forwards_by_length {tokens run: forwards}: what they cost
         return dict(forward_passes=self.forwards.total(), forwards_by_length=dict(sorted(self.forwards.items())), **more)
 
     def __call__(self, lo, hi, clean_to):
@@ -292,9 +285,8 @@ def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True, n_keys=None):
 
 @functools.lru_cache(maxsize=None)
 def compiled_span_logits(frozen=False, dynamic=False):
-    """span_logits compiled, on first use: one graph per step shape (an AR step, a block step, a fused
-    commit), which a GPU replays as a CUDA graph; or with `dynamic` one for spans of any length.
-    `frozen`: the weights are constants of the graph, prepacked (a large model on a CPU, step_model)."""
+    """span_logits compiled, on first use: a graph per step shape (a GPU replays it as a CUDA graph), or
+    with `dynamic` one for spans of any length; `frozen`: the weights are constants, prepacked (step_model)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)  # shapes x batches x keys
     frozen = {"freezing": True, "emulate_precision_casts": True} if frozen else None  # rounding as eager does
     return torch.compile(span_logits, dynamic=dynamic, options=frozen,
@@ -302,18 +294,16 @@ def compiled_span_logits(frozen=False, dynamic=False):
 
 
 # Weights of at least this many bytes (float32) are read from memory at every forward, not from the
-# caches: there a CPU's decoding takes the kernels that keep a block of rows nearest the cost of one
-# row (docs/speed.md measured the crossing between 34 and 118 MB).
+# caches: there a CPU's decoding takes the bfloat16 kernels (docs/speed.md: the crossing, 34-118 MB).
 LARGE_WEIGHTS = 64 * 2 ** 20
 BF16_COPIES = weakref.WeakKeyDictionary()  # model -> (its weights' identity, its bfloat16 copy), while the model lives
 
 
 def step_model(model, decoding):
-    """The module the decoding steps run, and whether its weights are frozen into the compiled graphs:
-    the model, except on a CPU with large float32 weights. There float32 matmuls of a few rows are
-    poor, while bfloat16 on a CPU with bf16 instructions (AVX-512 BF16 or AMX) reads half the bytes at
-    nearer one row's cost: a bfloat16 copy (unless auto_bf16 is off), made again when the weights
-    change; compiled, the weights frozen (prepacked) in either dtype."""
+    """The module decoding runs, and whether its weights are frozen into the compiled graphs: the model,
+    except on a CPU with large float32 weights, where bfloat16 with bf16 instructions (AVX-512 BF16 or
+    AMX) reads half the bytes at nearer one row's cost for a few rows: a bfloat16 copy (unless
+    auto_bf16 is off), made again when the weights change; compiled, the weights frozen (prepacked)."""
     p = model.embed_tokens.weight
     if not (p.device.type == "cpu" and p.dtype == torch.float32):
         return model, False

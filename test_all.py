@@ -2206,7 +2206,7 @@ def test_line_budgets():
     lines of code."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) <= 250
-    budgets = {"model.py": 450, "decode.py": 330, "train.py": 450, "bench.py": 450, "configurator.py": 200}
+    budgets = {"model.py": 450, "decode.py": 320, "train.py": 450, "bench.py": 450, "configurator.py": 200}
     for f in project_files():
         lines = open(os.path.join(HERE, f), encoding="utf-8").read().splitlines()
         assert len(lines) <= budgets.get(f, 500), (f, len(lines))

@@ -12,14 +12,16 @@ block row's. What the measured speed-up falls short of it is the decoder's own w
 commits, Python).
 """
 
+import functools
 import time
 
 import torch
 from tqdm import tqdm
 
-from decode import Decoding, Window, generate_ar, generate_block, step_model, stream_rule
+from decode import Decoding, Window, step_model, stream_rule
 from machine import describe_device, median_seconds, seconds_in_rounds
 from model import ModelConfig, Recipe, Transformer
+from problems import decoder
 
 
 class ReadyLogits(torch.nn.Module):
@@ -41,7 +43,7 @@ class ReadyLogits(torch.nn.Module):
         return self.logits[:, :len(range(idx.size(1))[logits_slice])]
 
 
-def decode_runs(model, mask_id, blocks, tpfs, compiled):
+def decode_runs(mask_id, blocks, tpfs, compiled):
     """(name, recipe, decoding): AR, then block decoding at each block size and TPF (threshold 1.0,
     denoising_steps B / TPF, no token shift, the commit fused: the paper's setting)."""
     runs = [("AR", None, Decoding(threshold=1.0, compile=compiled))]
@@ -83,7 +85,7 @@ def decode_rows(cfg, opt, batch_sizes, blocks=(16, 32), tpfs=(2, 4, 8, 16), budg
     torch.manual_seed(opt.seed)
     model = Transformer(ModelConfig(**dict(vars(cfg), context_len=opt.cache_len))).to(device, dtype).eval()
     mask_id, n_new = cfg.vocab_size - 1, opt.new_tokens
-    runs = decode_runs(model, mask_id, blocks, tpfs, opt.compile)
+    runs = decode_runs(mask_id, blocks, tpfs, opt.compile)
     ran, frozen = step_model(model, runs[0][2])
     path = (f"{'compiled' + (' (frozen weights)' if frozen else '') if opt.compile else 'eager'}, "
             f"{str(ran.embed_tokens.weight.dtype)[6:]}")
@@ -92,8 +94,7 @@ def decode_rows(cfg, opt, batch_sizes, blocks=(16, 32), tpfs=(2, 4, 8, 16), budg
     rows, span_rows = [], []
     for bs in batch_sizes:
         prompts = torch.randint(0, mask_id, (bs, opt.prompt_len), generator=torch.Generator().manual_seed(bs)).tolist()
-        gens = [(lambda r=r, d=d: generate_ar(model, prompts, n_new, d) if r is None
-                 else generate_block(model, prompts, n_new, r, d)) for _, r, d in runs]
+        gens = [functools.partial(decoder(model, r, d), prompts, n_new) for _, r, d in runs]
         stats = []
         for g in tqdm(gens, desc=f"batch {bs}: warm-up{' (compiling)' if opt.compile else ''}", unit="run", leave=False):
             if budget_s and time.perf_counter() - t_start > budget_s:
@@ -114,9 +115,8 @@ def decode_rows(cfg, opt, batch_sizes, blocks=(16, 32), tpfs=(2, 4, 8, 16), budg
         bar.close()
         cost = {key: t[0] / n for key, t, n in zip(spans, timed[len(gens):], reps)}
         ready = ReadyLogits(model.config, bs, device)  # the decoders' own work, eager
-        own = [median_seconds(lambda r=r, d=d: generate_ar(ready, prompts, n_new, d) if r is None else
-                              generate_block(ready, prompts, n_new, r, d), opt.repeats, device)[0] / s["forward_passes"]
-               for (_, r, d), s in zip(runs, stats)]
+        own = [median_seconds(functools.partial(decoder(ready, r, d), prompts, n_new), opt.repeats, device)[0]
+               / s["forward_passes"] for (_, r, d), s in zip(runs, stats)]
         predicted = [sum(n * cost[(L, r)] for L, n in s["forwards_by_length"].items())
                      for (_, r, _), s in zip(runs, stats)]
         for (name, r, d), s, (median, fast, slow), pred, o in zip(runs, stats, timed, predicted, own):
