@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decode import generate_ar, generate_block
+from decode import Decoding, generate_ar, generate_block
 from model import diffusion_bound, training_mask
-from tokenizer import chat_prompt
+from tokenizer import CharTokenizer, chat_prompt
 
 LETTERS = string.ascii_lowercase
 CHECKS = ("exact", "number", "choice")
@@ -157,6 +157,24 @@ def val_tokens(dataset, meta, answers=False):
     return (tokens, answer_flags(val) != 0) if answers else tokens
 
 
+def token_file_error(path, meta, context_len):
+    """What is wrong with a token file (data/<dataset>/<split>.bin) for training, in one line, or None."""
+    if not os.path.exists(path):
+        return f"{path} not found; run python {os.path.join(os.path.dirname(path), 'prepare.py')} first"
+    try:
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if os.path.getsize(path) else []
+    except ValueError as e:
+        return f"{path} is not a file of {meta['dtype']} tokens ({e}); run prepare.py again"
+    if len(tokens) < context_len + 2:
+        return (f"{path} has {len(tokens)} tokens, fewer than context_len + 2 = {context_len + 2}; "
+                f"prepare more data or lower context_len")
+    top = max(int(tokens[i:i + 2 ** 26].max()) for i in range(0, len(tokens), 2 ** 26))  # one pass, in chunks
+    if top >= meta["vocab_size"]:
+        return (f"{path} holds token id {top}, beyond the vocabulary of {meta['vocab_size']} in its meta.json; "
+                f"the data and its meta.json do not match: run prepare.py again")
+    return None
+
+
 # ----------------------------------------------------------------------------------------
 # Benchmark files and the answer checks
 
@@ -256,6 +274,26 @@ def evaluate(decode, problems, tokenizer, batch_size=100, max_new=0, chat=False,
     return dict(accuracy=accuracy, average=sum(accuracy.values()) / len(accuracy),
                 tokens_per_forward=sum(tokens.values()) / sum(forwards.values()),
                 task_tokens_per_forward={t: tokens[t] / forwards[t] for t in tokens}, outputs=outputs)
+
+
+def watch_set(meta, dataset, n):
+    """n held-out val problems of a task set, the tasks in turn (dicts as load_problems gives):
+    the fixed set train.py decodes at every evaluation, so that a conversion can be watched."""
+    val = drawn_again(meta, dataset)[1]
+    by_task = [[q for q in val if q[0] == task] for task in meta["tasks"]]
+    return [dict(task=t, prompt=p, answer=a) for row in zip(*by_task) for t, p, a in row][:n]
+
+
+@torch.no_grad()
+def watch(model, recipe, problems, meta, threshold=0.9):
+    """Accuracy and tokens per forward of a model being trained on a task set, decoded greedily
+    (a dLM at `threshold`) in one batch; the model is left in training mode."""
+    model.eval()
+    decoding = Decoding(threshold=threshold, end_ids=(meta["end_id"],))
+    tokenizer = CharTokenizer(meta["itos"], meta["mask_id"])
+    scores = evaluate(decoder(model, recipe, decoding), problems, tokenizer, batch_size=len(problems))
+    model.train()
+    return scores
 
 
 def val_windows(ar_model, dlm, n_windows, device):

@@ -99,6 +99,22 @@ def test_readme_shows_the_mask_the_code_draws():
     assert [[c == "#" for c in row[7:].replace("  ", " ").split(" ")] for row in picture] == brute_force_mask("block", 4, 2).tolist()
 
 
+
+def test_readme_shows_what_sample_prints():
+    """The README's two --show_steps examples, side by side in one block (the addition written in one
+    forward, the sort in three), are what sample.py prints for them on the shipped dLM."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    blocks = re.findall(r"^```\w*\n(.*?)^```$", readme, re.S | re.M)  # each fenced block's text
+    block = next(b for b in blocks if "+7 committed" in b).splitlines()
+    left = [line[:66].rstrip() for line in block]  # the second example starts at column 66
+    right = [line[66:].rstrip() for line in block]
+    for side, start, n in ((left, "add 57300+94000=", 7), (right, "sort gbqktjdfuv=", 11)):
+        code, out, err = run("sample.py", "--out_dir=pretrained/tasks-dlm", f"--start={start}", f"--max_new_tokens={n}",
+                             "--show_steps=True", "--device=cpu", cwd=HERE)
+        assert code == 0, err
+        shown = [line.rstrip() for line in out.splitlines()[:-1] if line.strip() and not line.startswith("---")]
+        assert [line for line in side if line] == shown, (side, shown)
+
 def test_block_layout_sparsity():
     """About three quarters of the 2L x 2L block mask is empty, exactly 1 - (n + 1) / 4n for n blocks:
     n B^2 (each noisy block to itself) + n(n-1)/2 B^2 (to earlier clean blocks) + n(n+1)/2 B^2
@@ -714,7 +730,7 @@ TINY = ["--context_len=32", "--batch_size=8", "--n_layer=2", "--n_embd=32", "--n
 
 
 def losses(stdout):
-    return [float(line.split()[-1]) for line in stdout.splitlines() if line.startswith("step ")]
+    return [float(line.split(" | ")[0].split()[-1]) for line in stdout.splitlines() if line.startswith("step ")]
 
 
 @pytest.fixture(scope="module")
@@ -786,6 +802,118 @@ def test_sample_script(workdir, trained, threshold):
     assert last_json(out)["forward_passes"] == 20 and "nothing to show" in err  # --show_steps is for a dLM: a note
 
 
+def test_the_recorder_keeps_what_the_decoder_wrote():
+    """animate.Recorder as generate_block's on_step: a frame a forward; from one frame to the next a
+    row changes only where that forward committed, masks becoming tokens; the last frame, cut at
+    each row's end token, is the decoder's own output (rows of several lengths, an end token)."""
+    from animate import Recorder, cells, frame_text
+    model, recipe = tiny_model(), Recipe(block_size=4, mask_id=23)
+    prompts = prompts_of([3, 6, 9])
+    recorder = Recorder(prompts, 14, recipe.block_size, recipe.mask_id, end_ids=(13,))
+    outs, stats = generate_block(model, prompts, 14, recipe, Decoding(threshold=0.7, end_ids=(13,)), on_step=recorder)
+    frames = recorder.frames
+    assert len(frames) == stats["forward_passes"] and [f.forward for f in frames] == list(range(1, len(frames) + 1))
+    before = [p + [23] * 14 for p in prompts]
+    for f in frames:
+        for r, (old, now) in enumerate(zip(before, f.tokens)):
+            changed = [i for i, (a, b) in enumerate(zip(old, now)) if a != b]
+            assert len(now) == len(prompts[r]) + 14 and changed == [i for i in f.committed[r] if now[i] != 23]
+            assert all(old[i] == 23 and f.s <= i < f.s + 4 for i in f.committed[r])
+        before = f.tokens
+    for p, row, out in zip(prompts, frames[-1].tokens, outs):
+        new = row[len(p):]
+        assert (new[:new.index(13)] if 13 in new else new) == out and 23 not in new[:len(out)]
+    kinds = cells(frames[-1], lambda ids: "ab c"[ids[0] % 4])
+    assert {k for row in kinds for _, k in row} <= {"prompt", "new", "old", "after", "mask"}
+    assert all(g == "$" for row, toks in zip(kinds, frames[-1].tokens) for (g, _), t in zip(row, toks) if t == 13)
+    assert any(g == "␣" for row in kinds for g, _ in row)  # a space is drawn
+    for f in frames:  # the text: two lines for each row the forward committed in, of the first `rows`
+        assert len(frame_text(f, str, rows=2)) == 2 * sum(bool(c) for c in f.committed[:2])
+
+
+def test_sample_animates_the_decoding(workdir, trained):
+    """--animate writes a GIF of a frame a forward (the last one held by its duration, not by extra
+    frames), under 2 MB; --animate on an AR run and --examples on a text run are one-line errors."""
+    from PIL import Image
+    code, out, err = run("sample.py", "--out_dir=out-dlm", "--start=ROMEO:", "--max_new_tokens=20", "--threshold=0.5",
+                         "--num_samples=2", "--animate=steps.gif", cwd=workdir)
+    assert code == 0, err
+    stats, path = last_json(out), workdir / "steps.gif"
+    assert stats["animate"] == "steps.gif" and os.path.getsize(path) < 2 * 2 ** 20
+    with Image.open(path) as gif:
+        assert gif.n_frames == stats["forward_passes"] and gif.info["loop"] == 0
+        durations = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            durations.append(gif.info["duration"])
+        assert durations[-1] > durations[0]
+    for args, words in ((["--out_dir=out-ar", "--animate=x.gif"], "AR checkpoint"),
+                        (["--out_dir=out-dlm", "--examples=3"], "text run")):
+        code, out, err = run("sample.py", *args, cwd=workdir)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code != 0 and len(lines) == 1 and words in lines[0], err
+    assert not os.path.exists(workdir / "x.gif")
+
+
+def test_animate_without_matplotlib_is_a_one_line_error(workdir, tmp_path):
+    """matplotlib is optional: without it --animate stops at once with the install line, before any decoding."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    r = subprocess.run([sys.executable, "sample.py", "--out_dir=out-nope", "--animate=x.gif"], cwd=workdir,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "pip install matplotlib" in lines[0] and "--animate" in lines[0]
+
+
+def test_show_steps_prints_every_row(workdir, trained):
+    """--show_steps: a line per row per forward, each with its block between bars (a space drawn '␣')
+    and the commits marked under it; 7 + 25 positions end on the block grid, so no cell is blank."""
+    code, out, err = run("sample.py", "--out_dir=out-dlm", "--start=ROMEO: ", "--max_new_tokens=25", "--threshold=0.5",
+                         "--num_samples=2", "--show_steps=True", cwd=workdir)
+    assert code == 0, err
+    lines = out.splitlines()
+    shown = [(i, line) for i, line in enumerate(lines) if line.startswith("forward ")]
+    assert {line.split("row ")[1][0] for _, line in shown} == {"0", "1"}
+    assert "␣" in shown[0][1] and len(shown) >= 2 * 4  # the prompt's space; both rows, at least a forward a block
+    for i, line in shown:
+        block = line.split("|")[1]
+        assert len(block) == 8 and " " not in block and "^" in lines[i + 1]
+        assert line.split("+")[-1] == f"{lines[i + 1].count('^')} committed"
+    forwards = {int(line.split()[1]) for _, line in shown}
+    assert max(forwards) == last_json(out)["forward_passes"]
+
+
+def test_examples_decode_a_task_runs_test_problems():
+    """--examples=N decodes the first test problem of each task in turn (bench.py's problems), a row each."""
+    from problems import load_problems
+    code, out, err = run("sample.py", "--out_dir=pretrained/tasks-dlm", "--examples=6", "--device=cpu", cwd=HERE)
+    assert code == 0, err
+    stats = last_json(out)
+    from checkpoint import load_run
+    shipped = load_run(os.path.join(HERE, "pretrained", "tasks-dlm"), "cpu")
+    problems = load_problems(shipped.config["dataset"], shipped.meta, 2)
+    tasks = list(dict.fromkeys(p["task"] for p in problems))
+    firsts = [next(p for p in problems if p["task"] == t) for t in tasks]
+    expected = firsts + [[p for p in problems if p["task"] == tasks[0]][1]]
+    samples = [s.strip() for s in "\n".join(out.splitlines()[:-1]).split("---------------") if s.strip()]
+    assert stats["examples"] == 6 and len(samples) == 6
+    assert all(s.startswith(p["prompt"]) for s, p in zip(samples, expected)), samples
+
+
+def test_the_lesson_notebook_runs_top_to_bottom():
+    """lesson.ipynb executed as `jupyter execute` runs it (a python3 kernel, from the repository
+    root): no cell raises. The committed copy carries its outputs, so that it reads with its
+    pictures on a code host: every code cell has some, six pictures among them."""
+    import nbclient
+    import nbformat
+    path = os.path.join(HERE, "lesson.ipynb")
+    committed = nbformat.read(path, as_version=4)
+    code = [c for c in committed.cells if c.cell_type == "code"]
+    assert code and all(c.outputs for c in code)
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.outputs) >= 6
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    assert all(o.get("output_type") != "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 def speedup_matches(r, ar_tps):
     """A row's speed-up over AR is its tokens/s over the AR row's, up to the rounding of both (to 0.1 tok/s, 0.01x)."""
@@ -1156,6 +1284,61 @@ def test_a_training_step_is_a_hand_written_adamw_step(workdir, mode, clip):
     assert sorted(state) == sorted(m) and ckpt["iter_num"] == 3
 
 
+def watched_lines(out):
+    """A run's evaluation lines split at ' | ': (the losses, what decoding the watched problems gave)."""
+    return [tuple(line.split(" | ")) if " | " in line else (line, None) for line in out.splitlines() if line.startswith("step ")]
+
+
+def test_a_conversion_can_be_watched_without_changing_it(workdir):
+    """Every evaluation of a task run decodes the same held-out val problems, the tasks in turn, and
+    prints their accuracy and (a dLM) tokens per forward on the losses' line, each number named. The
+    figures are those of scoring the saved checkpoint on those problems apart; training is the same
+    with the decoding on or off: the loss lines and the weights; under FSDP every process decodes
+    (each forward needs all of them) and one prints."""
+    from checkpoint import load_run
+    from problems import decoder, drawn_again, evaluate
+    code, out, err = run(prepare("tasks"), "--weights=rev=0,dup=0,sort=1,add=1,chain=1", "--n_train=300", "--n_val=20",
+                         "--n_test=3", f"--out_dir={workdir / 'data' / 'tasks_watch'}", cwd=workdir)
+    assert code == 0, err
+    common = ["--dataset=tasks_watch", f"--init_from={HERE}/pretrained/tasks-ar", "--mode=dlm", "--block_size=8",
+              "--token_shift=True", "--answers_only=True", "--context_len=48", "--batch_size=8", "--max_iters=4",
+              "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--learning_rate=1e-3", "--device=cpu",
+              "--overwrite=True"]
+    outs = {}
+    for n in (0, 10):
+        code, outs[n], err = run("train.py", *common, f"--eval_problems={n}", f"--out_dir=watch-{n}", cwd=workdir)
+        assert code == 0, err
+    iters = lambda out: [line.split(" ms/iter")[0].rsplit(",", 1)[0] for line in out.splitlines() if line.startswith("iter ")]
+    assert iters(outs[0]) == iters(outs[10]) and len(iters(outs[0])) == 4 and "(1/t-weighted CE of masked answer tokens)" in outs[0]
+    off, on = watched_lines(outs[0]), watched_lines(outs[10])
+    assert [a for a, _ in off] == [a for a, _ in on] and len(on) == 3 and all(w is None for _, w in off)
+    assert all("any-order bound (nats/token; every token, prompts too): train" in a for a, _ in on)
+    a, b = (torch.load(workdir / f"watch-{n}" / "ckpt.pt", weights_only=True)["model"] for n in (0, 10))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the problems: val problems (held out from training and from the test set), the tasks in turn
+    meta = json.loads((workdir / "data" / "tasks_watch" / "meta.json").read_text())
+    val = drawn_again(meta, "tasks_watch")[1]
+    problems = [dict(task=t, prompt=p, answer=a) for i in range(4) for task in ("sort", "add", "chain")
+                for t, p, a in [[q for q in val if q[0] == task][i]]][:10]
+    test = {json.loads(line)["prompt"] for line in (workdir / "data" / "tasks_watch" / "test.jsonl").read_text().splitlines()}
+    assert not test & {p["prompt"] for p in problems}
+    r = load_run(workdir / "watch-10")
+    scores = evaluate(decoder(r.model, r.recipe, Decoding(threshold=0.9, end_ids=r.end_ids)), problems, r.tokenizer())
+    assert on[-1][1] == (f"10 val problems decoded: {scores['average']:.1f}% right, "
+                         f"{scores['tokens_per_forward']:.2f} tokens/forward at threshold 0.9")
+    code, out, err = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                         "--eval_problems=10", "--fsdp=True", "--gradient_accumulation_steps=2", "--out_dir=watch-fsdp", cwd=workdir)
+    assert code == 0, err
+    assert [w is not None for _, w in watched_lines(out)] == [True] * 3 and "tokens/forward" in watched_lines(out)[-1][1]
+    ar_args = [a for a in common if not a.startswith(("--mode", "--block_size", "--token_shift", "--max_iters"))]
+    code, out, err = run("train.py", *ar_args, "--mode=ar", "--max_iters=0", "--eval_problems=10", "--out_dir=watch-ar",
+                         cwd=workdir)  # an AR run: the accuracy of decoding a token a forward, no tokens per forward
+    ar = load_run(os.path.join(HERE, "pretrained", "tasks-ar"))
+    scores = evaluate(decoder(ar.model, None, Decoding(end_ids=ar.end_ids)), problems, ar.tokenizer())
+    assert code == 0 and watched_lines(out)[0][0].startswith("step 0: next-token loss: train"), err
+    assert watched_lines(out)[0][1] == f"10 val problems decoded: {scores['average']:.1f}% right"
+
+
 def test_kill_during_save_keeps_a_loadable_checkpoint(workdir, ar_run):
     """kill -9 at random moments of a run that saves every iteration: ckpt.pt always loads."""
     import random
@@ -1363,7 +1546,7 @@ def test_checkpoint_from_before_the_cut_loads(workdir, ar_run):
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "convert_qwen.py", "dev/microbench.py", "dev/ablate.py",
-                                    "dev/ship.py", "data/shakespeare_char/prepare.py", "data/tasks/prepare.py",
+                                    "dev/drift.py", "dev/ship.py", "data/shakespeare_char/prepare.py", "data/tasks/prepare.py",
                                     "data/text/prepare.py"])
 def test_help_lists_every_setting(script):
     """--help (also -h, --help=anything) prints each setting with its value and its comment, and
@@ -2017,6 +2200,46 @@ def test_every_ablation_config_runs(tmp_path):
     assert code == 0 and out.startswith("add 57300+94000="), err
 
 
+def test_weight_drift_is_the_relative_change_counted_once(tmp_path):
+    """dev/drift.py: each matrix's change is ||W - W0||_F / ||W0||_F by hand; q, k, v, o count as
+    attention, gate, up, down as MLP, the embeddings and an untied head as embeddings; a group's
+    change is that of its matrices laid end to end, each 2-D weight once (the norms and biases left
+    out, a tied head not counted twice); the report goes between its own markers, dev/ablate.py's
+    section kept as it was."""
+    from ablate import BEGIN as ABLATE_BEGIN, END as ABLATE_END
+    from drift import BEGIN, END, drift, weights_of, write_report
+    source = tiny_model(seed=0).state_dict()  # untied head, q/k norms and biases: 1-D weights to leave out
+    # each tensor moved by its own fraction, so that a matrix counted twice or in the wrong group shows
+    moved = {n: w * (1 + 0.01 * (i + 1)) + 0.003 * torch.randn_like(w) for i, (n, w) in enumerate(source.items())}
+    d = drift(moved, source)
+    matrices = [n for n, w in source.items() if w.dim() == 2]
+    assert sorted(d["matrices"]) == sorted(matrices) and "lm_head.weight" in matrices
+    for n in matrices:
+        assert math.isclose(d["matrices"][n], (torch.linalg.norm(moved[n] - source[n]) / torch.linalg.norm(source[n])).item(), rel_tol=1e-9)
+    named = lambda *parts: [n for n in matrices if n.split(".")[-2] in parts]
+    together = lambda names: (torch.linalg.norm(torch.cat([(moved[n] - source[n]).flatten() for n in names]))
+                              / torch.linalg.norm(torch.cat([source[n].flatten() for n in names]))).item()
+    groups = dict(attention=named("q_proj", "k_proj", "v_proj", "o_proj"), mlp=named("gate_proj", "up_proj", "down_proj"),
+                  embeddings=named("embed_tokens", "lm_head"), all=matrices)
+    assert sorted(groups["attention"] + groups["mlp"] + groups["embeddings"]) == sorted(matrices) and len(groups["attention"]) == 8
+    assert sorted(d["kinds"]) == sorted(groups)
+    for kind, names in groups.items():
+        assert math.isclose(d["kinds"][kind], together(names), rel_tol=1e-9), kind
+    for i in ("0", "1"):
+        assert math.isclose(d["layers"][i]["all"], together([n for n in matrices if n.startswith(f"layers.{i}.")]), rel_tol=1e-9)
+        assert math.isclose(d["layers"][i]["mlp"], together([n for n in groups["mlp"] if n.startswith(f"layers.{i}.")]), rel_tol=1e-9)
+    tied = tiny_model(seed=0, tie_embeddings=True)
+    c = dict(model=tied.state_dict(), model_args=dict(tie_embeddings=True))  # as train.py saves it: the head under both names
+    assert "lm_head.weight" in c["model"] and "lm_head.weight" not in weights_of(c) and "embed_tokens.weight" in weights_of(c)
+    report = tmp_path / "ablations.md"
+    report.write_text(f"# kept\n{ABLATE_BEGIN}\nablate's\n{ABLATE_END}\nalso kept\n")
+    write_report(str(report), ["| a table |"], "python dev/drift.py")
+    write_report(str(report), ["| the table again |"], "python dev/drift.py")
+    text = report.read_text()
+    assert text.startswith(f"# kept\n{ABLATE_BEGIN}\nablate's\n{ABLATE_END}\nalso kept\n\n## ") and text.endswith(f"{END}\n")
+    assert text.count(BEGIN) == 1 and "the table again" in text and "| a table |" not in text
+
+
 # ----------------------------------------------------------------------------------------
 # a script's JSON summary is its last line, whole, even with stdout and stderr in one file
 
@@ -2031,6 +2254,8 @@ JSON_LINE_SCRIPTS = {
     "ablate": (["dev/ablate.py", "--only=reference", "--seeds=1", "--reference_seeds=1", "--thresholds=(0.9,)",
                 "--n_test=1", "--train_args=--max_iters=1 --batch_size=2 --eval_iters=1", "--report=",
                 "--scores_dir=scores"], "runs"),
+    "drift": (["dev/drift.py", "--variants=reference", "--seeds=1", "--records_dir=records",
+               "--train_args=--max_iters=1 --batch_size=2 --eval_iters=1"], None),
 }
 
 
@@ -2040,9 +2265,9 @@ def test_the_json_summary_is_a_line_of_its_own(name, tmp_path):
     no progress bar (stderr, carriage returns) shares it."""
     args, bar = JSON_LINE_SCRIPTS[name]
     link_scripts(tmp_path)  # the repository, linked into a folder where the runs may write
-    for f in ("config", "pretrained") if name == "ablate" else ("config", "data", "pretrained"):
+    for f in ("config", "pretrained") if name in ("ablate", "drift") else ("config", "data", "pretrained"):
         os.symlink(os.path.join(HERE, f), tmp_path / f)
-    if name == "ablate":  # its reference config trains on tasks_lesson, which a fresh clone has not prepared
+    if name in ("ablate", "drift"):  # the reference config trains on tasks_lesson, which a fresh clone has not prepared
         code, out, err = run(prepare("tasks"), "--weights=rev=0,dup=0,sort=2,add=1,chain=1", "--n_train=200",
                              "--n_val=40", "--n_test=3", f"--out_dir={tmp_path / 'data' / 'tasks_lesson'}", cwd=tmp_path)
         assert code == 0, err
@@ -2128,6 +2353,28 @@ def test_doc_commands_are_real():
     assert not problems, "commands in the docs that would fail:\n" + "\n".join(problems)
 
 
+
+def test_the_lesson_names_tests_that_exist_and_answers_every_exercise():
+    """docs/lesson.md: every test it names is a test here, every `pytest -k` selection it gives
+    selects tests (each of its words is part of a test's name), and every exercise, at least 10,
+    has its answer in the answers section."""
+    lesson = open(os.path.join(HERE, "docs", "lesson.md"), encoding="utf-8").read()
+    tree = ast.parse(open(os.path.join(HERE, "test_all.py"), encoding="utf-8").read())
+    tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    named = set(re.findall(r"\btest_\w+", lesson)) - {"test_all"}
+    assert named and named <= tests, named - tests
+    selections = [a or b for a, b in re.findall(r'-k\s+"([^"]+)"|-k\s+(\w+)', lesson)]
+    assert len(selections) >= 4
+    for words in selections:
+        for word in set(words.split()) - {"or", "and", "not"}:
+            assert any(word in t for t in tests), (words, word)
+    exercises, answers = lesson.split("## Answers")
+    ids = re.findall(r"^\*\*([A-Z]\d)\.", exercises, re.M)
+    assert len(ids) >= 10 and len(set(ids)) == len(ids)
+    for kind, n in (m.groups() for m in (re.match(r"([A-Z])(\d)", i) for i in ids)):
+        ranges = [(int(a), int(b)) for a, b in re.findall(rf"^\*\*{kind}(\d)-{kind}(\d)\.", answers, re.M)]
+        assert f"**{kind}{n}.**" in answers or any(a <= int(n) <= b for a, b in ranges), f"{kind}{n} has no answer"
+
 def test_doc_command_checker_rejects_a_bad_flag():
     bad = ("```sh\npython bench.py --no_such_flag=1\n```\nthen `python sample.py --out_dir=x\n--bogus=2`, "
            "`python nosuch.py` and `python train.py config/nosuch.py`.")
@@ -2148,7 +2395,8 @@ def test_doc_command_checker_rejects_a_bad_flag():
 # the house: the root is the method, imports run one way, the budgets hold
 
 ROOT_FILES = {"model", "decode", "train", "sample", "bench", "convert_qwen",  # the scripts a class runs and reads
-              "checkpoint", "configurator", "tokenizer", "lora", "problems", "machine"}  # and the modules they need
+              "checkpoint", "configurator", "tokenizer", "lora", "problems", "machine",  # and the modules they need
+              "animate"}
 
 
 def project_files():

@@ -31,6 +31,7 @@ from configurator import load_config, resolve_device, resolve_dtype
 from lora import add_lora, load_lora, lora_state_dict, merged_state_dict
 from machine import code_commit, describe_device
 from model import ModelConfig, Recipe, Transformer, answer_maskable, diffusion_bound, diffusion_loss, training_mask
+from problems import token_file_error, watch, watch_set
 from tokenizer import TOKENIZER_FILES, copy_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,8 @@ out_dir = "out"             # where the run's checkpoint (ckpt.pt) is written
 init_from = "scratch"       # 'scratch', 'resume' (from out_dir), or the out_dir of another run
 eval_interval = 250         # evaluate (and save) every this many iterations
 eval_iters = 50             # batches per evaluation
+eval_problems = 50          # task sets: held-out val problems decoded at every evaluation: accuracy, and a dLM's
+                            # tokens per forward at threshold 0.9 (on one process; training is unchanged); 0: off
 log_interval = 10           # print the training loss every this many iterations
 eval_only = False           # evaluate once and stop (with init_from)
 always_save_checkpoint = True  # save at every evaluation, not only when the val loss improved
@@ -100,6 +103,7 @@ defaults = {k: v for k, v in globals().items() if not k.startswith("_")}  # the 
 config = load_config(globals(), nullable={"mask_half_life"})
 # -----------------------------------------------------------------------------
 
+sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, into a log file too (tail -f)
 if mode not in ("ar", "dlm"):
     sys.exit(f"error: mode must be 'ar' or 'dlm', got '{mode}' (--mode)")
 try:  # the block-diffusion recipe, built once (it checks itself); its mask token comes with the data, below
@@ -133,6 +137,7 @@ if master:  # out_dir is made by the first save, so a run that fails before leav
     print(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed + rank)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+objective = ("next-token CE of " if mode == "ar" else "1/t-weighted CE of masked ") + "answer " * answers_only + "tokens"
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: token files of the dtype recorded in meta.json
@@ -152,27 +157,15 @@ if mode == "dlm" and not 0 <= meta.get("mask_id", -1) < meta["vocab_size"]:
 recipe = recipe and Recipe(**dict(recipe_record(recipe), mask_id=meta["mask_id"]))  # read by the loss, bound, decoder
 if meta.get("tokenizer") == "tiktoken" and not all(os.path.exists(os.path.join(data_dir, f)) for f in TOKENIZER_FILES):
     sys.exit(f"error: {data_dir} lacks its tokenizer ({', '.join(TOKENIZER_FILES)}); run its prepare.py again (--dataset)")
-for split in ("train", "val"):
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path):
-        sys.exit(f"error: {path} not found; run python data/{dataset}/prepare.py first")
-    try:
-        tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if os.path.getsize(path) else []
-    except ValueError as e:
-        sys.exit(f"error: {path} is not a file of {meta['dtype']} tokens ({e}); run prepare.py again")
-    if len(tokens) < context_len + 2:
-        sys.exit(f"error: {path} has {len(tokens)} tokens, fewer than context_len + 2 = {context_len + 2}; "
-                 f"prepare more data or lower context_len")
-    # one pass over the file, in chunks (by every process: all of them must stop on bad data)
-    top = max(int(tokens[i:i + 2 ** 26].max()) for i in range(0, len(tokens), 2 ** 26))
-    if top >= meta["vocab_size"]:
-        sys.exit(f"error: {path} holds token id {top}, beyond the vocabulary of {meta['vocab_size']} in "
-                 f"{meta_path}; the data and its meta.json do not match: run prepare.py again")
-
+for split in ("train", "val"):  # checked by every process: all of them must stop on bad data
+    why = token_file_error(os.path.join(data_dir, f"{split}.bin"), meta, context_len)
+    if why:
+        sys.exit(f"error: {why}")
 
 if answers_only and not os.path.exists(os.path.join(data_dir, "train.answers.bin")):
     sys.exit(f"error: answers_only=True needs {data_dir}/train.answers.bin (which tokens are answers); "
              f"data/tasks/prepare.py writes one, or use answers_only=False")
+watching = watch_set(meta, dataset, eval_problems) if eval_problems and meta.get("tasks") else []
 window_starts = {}  # split -> where a window may start: right after an end token (align_windows)
 if align_windows:
     if meta.get("end_id") is None:
@@ -391,9 +384,15 @@ while True:
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and evaluates:
         losses = estimate_loss()
-        if master:
-            what = "loss" if mode == "ar" else "any-order bound"
-            print(f"step {iter_num}: train {what} {losses['train']:.4f}, val {what} {losses['val']:.4f}")
+        with autocast:  # the watched problems, decoded by the plain model (a compiled one would compile every shape)
+            seen = watch(raw_model, recipe, watching, meta) if watching else None
+        if master:  # what each number is: the loss of every val token (prompts too), the accuracy of decoding
+            what = "next-token loss" if mode == "ar" else "any-order bound (nats/token; every token, prompts too)"
+            line = f"step {iter_num}: {what}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+            if seen:
+                line += f" | {len(watching)} val problems decoded: {seen['average']:.1f}% right"
+                line += f", {seen['tokens_per_forward']:.2f} tokens/forward at threshold 0.9" if recipe else ""
+            print(line)
         if not math.isfinite(losses["val"]):
             sys.exit(f"error: val loss is {losses['val']} at iteration {iter_num}; not saving. "
                      f"Lower learning_rate or check the data; the last good checkpoint is kept")
@@ -436,7 +435,7 @@ while True:
         dt, t0 = (time.time() - t0) / log_interval, time.time()
         if master:  # the time left, at this run's pace so far (evaluations and compilation included)
             left = (time.time() - run_t0) / (iter_num - iter_start) * (max_iters - iter_num)
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            print(f"iter {iter_num}: train loss {lossf:.4f} ({objective}), lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}:{int(left) % 60:02d} left")
 
 if ddp:
