@@ -2238,6 +2238,11 @@ def test_weight_drift_is_the_relative_change_counted_once(tmp_path):
     text = report.read_text()
     assert text.startswith(f"# kept\n{ABLATE_BEGIN}\nablate's\n{ABLATE_END}\nalso kept\n\n## ") and text.endswith(f"{END}\n")
     assert text.count(BEGIN) == 1 and "the table again" in text and "| a table |" not in text
+    from ablate import write_report as ablate_report  # the sweep's tables: its own section only, the rest kept
+    ablate_report(str(report), ["new tables"])
+    after = report.read_text()
+    assert after.startswith(f"# kept\n{ABLATE_BEGIN}\n") and "new tables" in after and "ablate's" not in after
+    assert after.split(ABLATE_END)[1] == text.split(ABLATE_END)[1]  # what follows, drift's section too, as it was
 
 
 # ----------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from decode import Decoding  # noqa: E402
 from machine import describe_device  # noqa: E402
 from model import diffusion_logits, training_mask  # noqa: E402
 from problems import decoder, evaluate, load_problems, val_row, val_windows  # noqa: E402
+from report import write_atomically, write_section  # noqa: E402
 
 # -----------------------------------------------------------------------------
 ar_dir = "pretrained/tasks-ar"      # the AR model every config converts (their init_from)
@@ -428,29 +429,12 @@ def draw_loss_by_position(records, path):
 
 def write_report(path, lines):
     """The sweep's tables into the markdown file at path, between its marker lines; the text
-    around them is left as it is (a file without them gets a short header)."""
+    around them is left as it is (a file without them gets them at its end, under a short header)."""
     command = "python dev/ablate.py" + (f" --train_args={train_args!r}" if train_args else "")
-    block = (f"{BEGIN}\nThe tables below are the output of `{command}`, written by dev/ablate.py; edit the script, not "
-             f"them.\n\n```\n" + "\n".join(lines) + f"\n```\n{END}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        text = ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = (f"# The paper's ablations in miniature\n\nEach variant differs from `config/ablate/reference.py` in "
-                f"the one setting its file changes.\n\n{block}\n")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomically(path, text)
-
-
-def write_atomically(path, text):
-    """Writes text to path through a temporary file, so that an interrupted write leaves the old file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    body = (f"The tables below are the output of `{command}`, written by dev/ablate.py; edit the script, not them."
+            f"\n\n```\n" + "\n".join(lines) + "\n```")
+    write_section(path, (BEGIN, END), body, "# The paper's ablations in miniature\n\nEach variant differs from "
+                  "`config/ablate/reference.py` in the one setting its file changes.")
 
 
 if __name__ == "__main__":

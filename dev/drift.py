@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from configurator import load_config, require  # noqa: E402
 from machine import describe_device  # noqa: E402
+from report import write_atomically, write_section  # noqa: E402
 
 # -----------------------------------------------------------------------------
 ar_dir = "pretrained/tasks-ar"      # the AR source every run was converted from (their init_from)
@@ -189,26 +190,8 @@ def draw(records, path):
 def write_report(path, lines, command):
     """The table into the markdown file at path, between this script's marker lines (the text around
     them is left as it is); a file without them gets them in a new section at its end."""
-    block = (f"{BEGIN}\nThe table below is the output of `{command}`, written by dev/drift.py; edit the script, "
-             f"not it.\n\n" + "\n".join(lines) + f"\n{END}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        text = ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + f"{SECTION}\n\n{block}\n"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomically(path, text)
-
-
-def write_atomically(path, text):
-    """Writes text to path through a temporary file, so that an interrupted write leaves the old file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    body = f"The table below is the output of `{command}`, written by dev/drift.py; edit the script, not it.\n\n"
+    write_section(path, (BEGIN, END), body + "\n".join(lines), SECTION)
 
 
 def main():
