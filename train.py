@@ -375,8 +375,8 @@ provenance = dict(command=" ".join(["python"] + sys.argv), commit=code_commit(),
                   world_size=world_size, **resumed_from)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 batch = get_batch("train", generators(iter_num, 0)[0])
-t0 = run_t0 = time.time()
-iter_start = iter_num
+t0 = time.time()
+pace = None  # (time, iteration) of the first training log line: the time left is paced from there
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -433,8 +433,9 @@ while True:
             sys.exit(f"error: loss is {lossf} at iteration {iter_num}; stopping without saving. "
                      f"Lower learning_rate; the last good checkpoint is kept")
         dt, t0 = (time.time() - t0) / log_interval, time.time()
-        if master:  # the time left, at this run's pace so far (evaluations and compilation included)
-            left = (time.time() - run_t0) / (iter_num - iter_start) * (max_iters - iter_num)
+        if master:  # the time left at the pace since the first log line (evaluations included, compilation not)
+            pace = pace or (t0, iter_num)
+            left = ((t0 - pace[0]) / (iter_num - pace[1]) if iter_num > pace[1] else dt) * (max_iters - iter_num)
             print(f"iter {iter_num}: train loss {lossf:.4f} ({objective}), lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}:{int(left) % 60:02d} left")
 
