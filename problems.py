@@ -276,12 +276,18 @@ def evaluate(decode, problems, tokenizer, batch_size=100, max_new=0, chat=False,
                 task_tokens_per_forward={t: tokens[t] / forwards[t] for t in tokens}, outputs=outputs)
 
 
+def in_turn(problems, n):
+    """The first n of problems (dicts with a "task"), the tasks in turn: the first of each, then the second, ..."""
+    by_task = {}
+    for p in problems:
+        by_task.setdefault(p["task"], []).append(p)
+    return [ps[i] for i in range(n) for ps in by_task.values() if i < len(ps)][:n]
+
+
 def watch_set(meta, dataset, n):
     """n held-out val problems of a task set, the tasks in turn (dicts as load_problems gives):
     the fixed set train.py decodes at every evaluation, so that a conversion can be watched."""
-    val = drawn_again(meta, dataset)[1]
-    by_task = [[q for q in val if q[0] == task] for task in meta["tasks"]]
-    return [dict(task=t, prompt=p, answer=a) for row in zip(*by_task) for t, p, a in row][:n]
+    return in_turn([dict(task=t, prompt=p, answer=a) for t, p, a in drawn_again(meta, dataset)[1]], n)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from checkpoint import CheckpointError, load_run
 from animate import Recorder, frame_text, save_gif
 from configurator import load_config, require, resolve_device, resolve_dtype
 from decode import Decoding, generate_ar, generate_block
-from problems import answer_room, load_problems
+from problems import answer_room, in_turn, load_problems
 from tokenizer import chat_prompt
 
 # -----------------------------------------------------------------------------
@@ -101,11 +101,7 @@ except FileNotFoundError as e:
     sys.exit(f"error: {e}")
 texts = [start] * num_samples
 if examples:  # the run's test problems, as bench.py reads them: the first of each task, then the second, ...
-    problems = load_problems(run.config["dataset"], run.meta, examples)
-    by_task = {}
-    for p in problems:
-        by_task.setdefault(p["task"], []).append(p)
-    problems = [ps[i] for i in range(examples) for ps in by_task.values() if i < len(ps)][:examples]
+    problems = in_turn(load_problems(run.config["dataset"], run.meta, examples), examples)
     texts = [p["prompt"] for p in problems]
     max_new_tokens = min(max_new_tokens, answer_room(problems, tokenizer))
 if chat:

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -58,7 +57,7 @@ from decode import Decoding  # noqa: E402
 from machine import describe_device  # noqa: E402
 from model import diffusion_logits, training_mask  # noqa: E402
 from problems import decoder, evaluate, load_problems, val_row, val_windows  # noqa: E402
-from report import write_atomically, write_section  # noqa: E402
+from lab import run_args, train_run, write_atomically, write_section  # noqa: E402
 
 # -----------------------------------------------------------------------------
 ar_dir = "pretrained/tasks-ar"      # the AR model every config converts (their init_from)
@@ -113,26 +112,12 @@ def finished(out, args):
         want[k] == c["config"][k] for k in want if k not in ("out_dir", "device"))
 
 
-def run_args(variant, seed, device):
-    """The run's folder and its train.py arguments (the config file first)."""
-    out = os.path.join("out-ablate", f"{variant}-s{seed}")
-    return out, [os.path.join("config", "ablate", f"{variant}.py"), f"--init_from={ar_dir}", f"--out_dir={out}",
-                 f"--seed={seed}", f"--device={device}", *train_args.split()]
-
-
 def train(out, args, again=False):
     """Trains one run unless its checkpoint is finished already (or `again`); the seconds it took,
-    None if it was there."""
+    None if it was there. A run that is not finished is trained again from its source."""
     if not again and finished(out, args):
         return None
-    print(f"training {out} ...", flush=True)
-    t0 = time.time()
-    # a run that is not finished is trained again from its source: its own folder may be replaced
-    r = subprocess.run([sys.executable, "train.py", *args, "--overwrite=True"], capture_output=True, text=True)
-    if r.returncode != 0:
-        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
-        sys.exit(f"error: training {out} failed: {last}")
-    seconds = time.time() - t0
+    seconds = train_run(out, args)
     print(f"  {out} trained in {seconds:.0f} s", flush=True)
     return seconds
 
@@ -150,7 +135,7 @@ def run_key(args, ar_hash):
 def sweep_run(variant, seed, ar, device, ar_hash):
     """The record of one (variant, seed): read back from scores_dir if it was made for the same
     run_key, else trained (unless its checkpoint is done), scored and saved there."""
-    out, args = run_args(variant, seed, device)
+    out, args = run_args(variant, seed, device, ar_dir, train_args)
     path, key = os.path.join(scores_dir, f"{variant}-s{seed}.json"), run_key(args, ar_hash)
     saved, old = {}, {}
     try:

@@ -29,7 +29,6 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from configurator import load_config, require  # noqa: E402
 from machine import describe_device  # noqa: E402
-from report import write_atomically, write_section  # noqa: E402
+from lab import run_args, train_run, write_atomically, write_section  # noqa: E402
 
 # -----------------------------------------------------------------------------
 ar_dir = "pretrained/tasks-ar"      # the AR source every run was converted from (their init_from)
@@ -106,23 +105,11 @@ def drift(weights, source):
     return dict(matrices=matrices, kinds=kinds, layers=layers)
 
 
-def train(variant, seed):
-    """Trains out-ablate/<variant>-s<seed> with the command dev/ablate.py gives that run."""
-    out = os.path.join("out-ablate", f"{variant}-s{seed}")
-    args = [os.path.join("config", "ablate", f"{variant}.py"), f"--init_from={ar_dir}", f"--out_dir={out}",
-            f"--seed={seed}", f"--device={device}", *train_args.split()]
-    print(f"training {out} ...", flush=True)
-    r = subprocess.run([sys.executable, "train.py", *args, "--overwrite=True"], capture_output=True, text=True)
-    if r.returncode != 0:
-        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
-        sys.exit(f"error: training {out} failed: {last}")
-
-
 def record_of(variant, seed, source, ar_hash):
     """The record of one run (trained first if its checkpoint is missing), written to records_dir."""
-    out = os.path.join("out-ablate", f"{variant}-s{seed}")
+    out, args = run_args(variant, seed, device, ar_dir, train_args)
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
-        train(variant, seed)
+        train_run(out, args)
     try:
         c = load_checkpoint(os.path.join(out, "ckpt.pt"), "cpu")
         if os.path.realpath(c["config"]["init_from"]) != os.path.realpath(ar_dir):
