@@ -9,8 +9,10 @@ and the tokenizer as a tiktoken vocabulary file (tokenizer.tiktoken) beside it; 
     python convert_qwen.py --to_hf=True --out_dir=out-qwen3-0.6b-dlm --hf_dir=qwen3-0.6b-dlm   # and back out
 
 hf_dir is always the Hugging Face folder and out_dir always our run; to_hf picks the direction.
-An exported folder loads in transformers (AutoModelForCausalLM) and comes back through this
-script as the same run: the weights bit for bit, the block-diffusion recipe, the settings.
+An exported folder loads in transformers (AutoModelForCausalLM) as the plain Qwen model, or with
+trust_remote_code=True as the dLM, decoded by its own copy of model.py and decode.py (hf_dlm.py
+maps the names); it keeps the chat template of the checkpoint the run was converted from, and
+comes back through this script as the same run: the weights bit for bit, the recipe, the settings.
 
 Nothing but torch, numpy and tiktoken is needed: the safetensors format (an 8-byte header
 length, a JSON header, then raw little-endian tensors) is read here, memory-mapped, so that a
@@ -23,6 +25,7 @@ import dataclasses
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,7 +36,8 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, recipe_of, recipe_record, save_checkpoint
 from configurator import dtype_of
 from model import ModelConfig, Transformer, hf_name
-from tokenizer import CHAT_TEMPLATE, TokenizerError, hf_tokenizer_json, load_tokenizer, save_tokenizer, tokenizer_from_hf
+from tokenizer import (CHAT_TEMPLATE, TokenizerError, chat_template_of, hf_tokenizer_json, load_tokenizer,
+                       save_tokenizer, tokenizer_from_hf)
 
 # -----------------------------------------------------------------------------
 hf_dir = ""                     # the Hugging Face folder (config.json, *.safetensors, tokenizer.json)
@@ -233,7 +237,7 @@ def convert(hf_dir, out_dir, dtype="auto", mask_token="<|fim_pad|>", context_len
                                                     context_len=args["context_len"])
     os.makedirs(out_dir, exist_ok=True)
     if tokenizer:
-        save_tokenizer(out_dir, *tokenizer)
+        save_tokenizer(out_dir, *tokenizer, chat_template=chat_template_of(hf_dir))
     ckpt = dict(model=state, model_args=args, recipe=ours["recipe"] if ours else None, iter_num=0,
                 best_val_loss=float("inf"), config=config, meta=meta)
     try:
@@ -281,8 +285,9 @@ def hf_config(args, meta, dtype):
                torch_dtype=str(dtype).removeprefix("torch."))
     if qwen3:
         cfg["attention_bias"] = args["qkv_bias"]
-    if meta.get("end_ids"):
-        cfg["eos_token_id"] = meta["end_ids"][0] if len(meta["end_ids"]) == 1 else meta["end_ids"]
+    ends = meta.get("end_ids") or ([meta["end_id"]] if meta.get("end_id") is not None else [])
+    if ends:
+        cfg["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return cfg
 
 
@@ -301,7 +306,31 @@ def hf_weights(state, args):
     return dict(tensors, **zeros), sorted(zeros)
 
 
-def model_card(name, args, recipe, config, meta, threshold):
+def code_files(here, first="hf_dlm"):
+    """The modules the folder's modeling code runs: hf_dlm.py and the root modules it imports, in turn."""
+    found, todo = [], [first]
+    while todo:
+        m = todo.pop()
+        if m not in found:
+            found.append(m)
+            with open(os.path.join(here, m + ".py"), encoding="utf-8") as f:
+                todo += [n for n in re.findall(r"^\s*from (\w+) import", f.read(), re.M) if os.path.exists(os.path.join(here, n + ".py"))]
+    return found
+
+
+def copy_code(to):
+    """Copies the modeling code into the folder, its imports of each other made relative: transformers
+    runs a folder's own code as a package, and copies the files its modeling file reaches by relative imports."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = code_files(here)
+    for m in files:
+        with open(os.path.join(here, m + ".py"), encoding="utf-8") as f:
+            text = re.sub(rf"^(\s*)from ({'|'.join(files)}) import", r"\1from .\2 import", f.read(), flags=re.M)
+        with open(os.path.join(to, m + ".py"), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def model_card(name, args, recipe, config, meta, threshold, has_tokenizer=True):
     kind = "Qwen3" if args["qk_norm"] else "Qwen2"
     what = (f"a block-diffusion language model: it decodes blocks of {recipe['block_size']} tokens, committing every "
             f"token at least {threshold} confident per forward (attention '{recipe['pattern']}', token shift "
@@ -310,9 +339,10 @@ def model_card(name, args, recipe, config, meta, threshold):
     trained = ", ".join(f"{k}={config[k]!r}" for k in ("init_from", "dataset", "mode", "max_iters", "batch_size", "context_len",
                                                       "learning_rate", "answers_only", "noisy_copies", "loss_weight")
                         if k in config)
-    tok = "The tokenizer files are Hugging Face's (tokenizer.json)." if meta.get("tokenizer") == "tiktoken" else \
-        ("It has no Hugging Face tokenizer: its vocabulary is one id per character, listed in config.json under "
-         "block_diffusion.meta.itos.")
+    tok = "The tokenizer is Qwen's byte-level BPE." if meta.get("tokenizer") == "tiktoken" else \
+        "The vocabulary is one token per character." if has_tokenizer else \
+        ("It has no Hugging Face tokenizer (characters of several bytes): its vocabulary is one id per character, "
+         "listed in config.json under block_diffusion.meta.itos.")
     return f"""# {name}
 
 {kind}-style weights ({args['n_layer']} layers x {args['n_embd']}, vocabulary {args['vocab_size']:,}, context
@@ -321,12 +351,43 @@ def model_card(name, args, recipe, config, meta, threshold):
 How it was trained: {trained}. The block-diffusion settings are in config.json under "block_diffusion".
 {tok}
 
-transformers loads it as a causal LM (`AutoModelForCausalLM.from_pretrained`), which decodes one token at a time.
-To decode it block by block with nano block diffusion:
+With `trust_remote_code=True` it decodes {'block by block' if recipe else 'a token a forward'} (hf_dlm.py, on
+model.py and decode.py; torch and transformers only). `generate` returns the ids and the forward passes:
 
-    python convert_qwen.py --hf_dir={name} --out_dir=out-{name}
-    python sample.py --out_dir=out-{name} --threshold={threshold}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained("{name}"), AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+    ids, nfe = model.generate(**tok(["Your prompt"], return_tensors="pt"), max_new_tokens=64, threshold={threshold})
+    print(tok.batch_decode(ids, skip_special_tokens=True), nfe)
+
+Without it transformers loads the plain {kind} causal LM (the same weights, decoding a token at a time).
+Back into nano block diffusion: `python convert_qwen.py --hf_dir={name} --out_dir=out-{name}`.
 """
+
+
+def write_tokenizer(to, out_dir, meta, context_len):
+    """tokenizer.json and tokenizer_config.json: a converted Qwen run's BPE with the chat template of the
+    checkpoint it came from (or our one-turn template); a character run's vocabulary as byte-level BPE
+    without merges (what transformers' Qwen tokenizers read), when every character is one byte."""
+    if meta.get("tokenizer") == "tiktoken":
+        tokenizer = load_tokenizer(out_dir)
+        content = hf_tokenizer_json(tokenizer.pattern, tokenizer.ranks, tokenizer.special)
+        names = {i: t for t, i in tokenizer.special.items()}
+        extra = dict(chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+    else:
+        itos, n = meta["itos"], meta["mask_id"]  # the characters, then [MASK] (and [END])
+        if any(len(c.encode()) != 1 for c in itos[:n]):
+            return False
+        names = dict(enumerate(itos))
+        content = hf_tokenizer_json(r"[\s\S]", {c.encode(): i for i, c in enumerate(itos[:n])},
+                                    {t: i for i, t in names.items() if i >= n})
+        extra = dict(mask_token=names[n], unk_token=names[n])  # (or transformers adds an unknown token of its own)
+    end = meta["end_ids"][-1] if meta.get("end_ids") else meta.get("end_id")
+    with open(os.path.join(to, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(content, f, ensure_ascii=False)
+    with open(os.path.join(to, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=names.get(end), pad_token=names.get(meta.get("end_id")),
+                       model_max_length=context_len, padding_side="left", **extra), f, indent=1, ensure_ascii=False)
+    return True
 
 
 def parse_size(text):
@@ -344,6 +405,7 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
     under "block_diffusion"), the weights as safetensors (sharded above max_shard_size, with an
     index), the tokenizer and a model card. Written into a temporary folder that is renamed at
     the end, so a failed export leaves nothing that looks complete. Returns a summary."""
+    out_dir, hf_dir = os.fspath(out_dir), os.fspath(hf_dir)
     if os.path.isdir(hf_dir) and os.listdir(hf_dir):
         raise ConversionError(f"{hf_dir} exists and is not empty; nothing was written: pass a new --hf_dir")
     try:
@@ -360,6 +422,8 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
     cfg = hf_config(args, meta, next(iter(state.values())).dtype)
     cfg["block_diffusion"] = dict(format="nano block diffusion", recipe=recipe, suggested_threshold=threshold,
                                   model_args=args, meta=meta, trained_with=config, zero_tensors=zero_names)
+    wrapper = f"hf_dlm.{'Qwen3' if args['qk_norm'] else 'Qwen2'}BlockDiffusionLM"  # with trust_remote_code=True
+    cfg["auto_map"] = dict(AutoModel=wrapper, AutoModelForCausalLM=wrapper)
     shards, size = [[]], 0
     for name, t in tensors.items():  # greedy: a new shard when the next tensor would pass the limit
         n = t.numel() * t.element_size()
@@ -383,18 +447,10 @@ def export(out_dir, hf_dir, dtype="auto", max_shard_size="2GB", threshold=0.9):
                 json.dump(dict(metadata=dict(total_size=total), weight_map=files), f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=1, ensure_ascii=False)
-        if meta.get("tokenizer") == "tiktoken":
-            tokenizer = load_tokenizer(out_dir)
-            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
-                json.dump(hf_tokenizer_json(tokenizer.pattern, tokenizer.ranks, tokenizer.special), f, ensure_ascii=False)
-            end = meta["end_ids"][-1] if meta.get("end_ids") else None
-            names = {i: t for t, i in tokenizer.special.items()}
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-                json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=names.get(end),
-                               pad_token=names.get(meta.get("end_id")), model_max_length=args["context_len"],
-                               chat_template=CHAT_TEMPLATE), f, indent=1, ensure_ascii=False)
+        copy_code(tmp)
+        has_tokenizer = write_tokenizer(tmp, out_dir, meta, args["context_len"])
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(os.path.basename(os.path.normpath(hf_dir)), args, recipe, config, meta, threshold=threshold))
+            f.write(model_card(os.path.basename(os.path.normpath(hf_dir)), args, recipe, config, meta, threshold, has_tokenizer))
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # empty, checked above
         os.replace(tmp, hf_dir)

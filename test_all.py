@@ -1929,6 +1929,10 @@ def test_qwen_convert_prepare_train_sample(tmp_path, kind):
     hf = tiny_hf_model(kind, torch.float32)
     hf.save_pretrained(tmp_path / "hf")
     hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
+    if kind == "qwen3":  # the two places a Hugging Face folder keeps its chat template
+        (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(dict(chat_template=ONE_TURN)))
+    else:
+        (tmp_path / "hf" / "chat_template.jinja").write_text(ONE_TURN)
     link_scripts(tmp_path)
     os.makedirs(tmp_path / "data" / "text")
     os.symlink(os.path.join(HERE, "data", "text", "prepare.py"), tmp_path / "data" / "text" / "prepare.py")
@@ -1936,7 +1940,8 @@ def test_qwen_convert_prepare_train_sample(tmp_path, kind):
     steps = [["convert_qwen.py", "--hf_dir=hf", "--out_dir=out-qwen", "--context_len=64"],
              ["data/text/prepare.py", "--input=docs.jsonl", "--tokenizer=out-qwen", "--val_fraction=0.2"],
              ["train.py", "--dataset=text", "--init_from=out-qwen", "--out_dir=out-qwen-dlm", "--mode=dlm", "--block_size=8",
-              "--context_len=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"],
+              "--context_len=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu",
+              f"--token_shift={kind == 'qwen2'}"],
              ["convert_qwen.py", "--to_hf=True", "--out_dir=out-qwen-dlm", "--hf_dir=exported",
               f"--max_shard_size={'40KB' if kind == 'qwen2' else '2GB'}"],
              ["convert_qwen.py", "--hf_dir=exported", "--out_dir=out-back"],
@@ -1946,6 +1951,10 @@ def test_qwen_convert_prepare_train_sample(tmp_path, kind):
         assert code == 0, (argv, err)
     assert last_json(out)["mode"] == "dlm"  # the read-back run decodes as a dLM
     check_export(tmp_path / "out-qwen-dlm", tmp_path / "exported", tmp_path / "out-back", sharded=kind == "qwen2")
+    assert json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())["chat_template"] == ONE_TURN
+    check_recipient_decodes_as_here(sharpened(tmp_path / "out-qwen-dlm", tmp_path / "out-sharp"), tmp_path / "sharp-hf",
+                                    [torch.randint(0, 600, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                                     for n in (5, 9, 14)])
     if kind == "qwen2":
         return
     steps = [["sample.py", "--out_dir=out-qwen-dlm", "--start=Hello", "--chat=True", "--max_new_tokens=8"],
@@ -1988,8 +1997,11 @@ def check_export(run_dir, hf_dir, back_dir, sharded):
     if (hf_dir / "tokenizer.json").exists():
         import tokenizers
         theirs, mine = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json")), ours.tokenizer()
-        for text in TEXTS:
-            assert theirs.encode(text).ids == mine.encode(text, allow_special=True), text
+        auto = transformers.AutoTokenizer.from_pretrained(hf_dir)  # what a recipient loads
+        chars = ours.meta.get("itos")
+        for text in TEXTS if chars is None else ["".join(chars[:ours.meta["mask_id"]]), TEXTS[0][:40]]:
+            assert theirs.encode(text).ids == mine.encode(text, allow_special=True) == auto(text).input_ids, text
+            assert auto.decode(auto(text).input_ids) == mine.decode(mine.encode(text, allow_special=True))
     a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (run_dir, back_dir))
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(a["model"][k].dtype == b["model"][k].dtype for k in a["model"])
@@ -1998,14 +2010,104 @@ def check_export(run_dir, hf_dir, back_dir, sharded):
 
 
 def test_export_of_a_character_run(workdir, trained, tmp_path):
-    """A character-level dLM exports its weights (no Hugging Face tokenizer, said so in the card)
-    and comes back as itself."""
+    """A character-level dLM exports its weights and a tokenizer transformers loads (every
+    character a token), and comes back as itself."""
     code, out, err = run("convert_qwen.py", "--to_hf=True", "--out_dir=out-dlm", f"--hf_dir={tmp_path / 'chars'}", cwd=workdir)
     assert code == 0, err
-    assert not (tmp_path / "chars" / "tokenizer.json").exists() and "no Hugging Face tokenizer" in (tmp_path / "chars" / "README.md").read_text()
+    assert (tmp_path / "chars" / "tokenizer.json").exists() and "one token per character" in (tmp_path / "chars" / "README.md").read_text()
     code, out, err = run("convert_qwen.py", f"--hf_dir={tmp_path / 'chars'}", f"--out_dir={tmp_path / 'back'}", cwd=workdir)
     assert code == 0, err
     check_export(workdir / "out-dlm", tmp_path / "chars", tmp_path / "back", sharded=False)
+
+
+ONE_TURN = ("{% for m in messages %}<|im_start|>{{ m['role'] }} says\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant says\n{% endif %}")  # a fixture's own template
+
+RECIPIENT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+folder, cases = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+package = type(model).__module__.rsplit(".", 1)[0]
+out = dict(files=[sys.modules[package + m].__file__ for m in (".hf_dlm", ".model", ".decode")], results=[])
+for case in cases:  # left-padded with a real token, as transformers users pass a batch
+    rows, T = case["prompts"], max(map(len, case["prompts"]))
+    ids = torch.tensor([[7] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    new, nfe = model.generate(ids, attention_mask=mask, max_new_tokens=case["max_new_tokens"],
+                              threshold=case["threshold"], steps=case["steps"])
+    out["results"].append(dict(new=new[:, T:].tolist(), nfe=nfe))
+ar = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+out["ar"] = [type(ar).__name__, ar(torch.tensor(cases[0]["prompts"][:1])).logits[0].tolist()]
+print(json.dumps(out))
+"""
+
+
+def recipient(script, *args, tmp_path):
+    """Runs a script as a recipient of an export would: outside the repository, with a
+    transformers modules cache of its own, nothing of ours on the path."""
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    (tmp_path / "elsewhere" / "recipient.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "recipient.py", *args], cwd=tmp_path / "elsewhere", capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def sharpened(run_dir, to, by=20.0):
+    """A copy of a run whose logits are `by` times larger (its last norm scaled): a model trained
+    two steps is then confident enough that threshold 0.9 commits several tokens a forward."""
+    from checkpoint import load_checkpoint, save_checkpoint
+    from tokenizer import copy_tokenizer
+    ckpt = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    ckpt["model"] = dict(ckpt["model"], **{"norm.weight": ckpt["model"]["norm.weight"] * by})
+    save_checkpoint(ckpt, os.path.join(to, "ckpt.pt"))
+    copy_tokenizer(run_dir, to)
+    return to
+
+
+def check_recipient_decodes_as_here(run_dir, hf_dir, prompts, max_new=16):
+    """The exported run, loaded with trust_remote_code by a recipient, decodes batches of 1 and 3 left-padded
+    prompts at thresholds 1.0 and 0.9 and with `steps` (Efficient-DLM's count over the generation: here 2
+    forwards a block) to the tokens and forward count of decode.py; from the folder's own copy of the code;
+    without trust_remote_code it is the AR model with our logits."""
+    from checkpoint import load_run
+    from convert_qwen import export
+    export(run_dir, hf_dir)
+    ours = load_run(run_dir)
+    B = ours.recipe.block_size
+    cases = [dict(prompts=p, max_new_tokens=max_new, threshold=th, steps=st) for p in (prompts[:1], prompts)
+             for th, st in ((1.0, None), (0.9, None), (1.0, 2 * max_new // B))]
+    got = json.loads(recipient(RECIPIENT, str(hf_dir), json.dumps(cases), tmp_path=hf_dir.parent).splitlines()[-1])
+    assert all(f.startswith(str(hf_dir.parent / "modules")) for f in got["files"]), got["files"]
+    for case, result in zip(cases, got["results"]):
+        decoding = Decoding(threshold=case["threshold"], denoising_steps=2 if case["steps"] else 0, end_ids=ours.end_ids)
+        want, stats = generate_block(ours.model, case["prompts"], max_new, ours.recipe, decoding)
+        cut = [next((row[:i] for i, t in enumerate(row) if t in ours.end_ids), row) for row in result["new"]]
+        assert (cut, result["nfe"]) == (want, stats["forward_passes"]), case
+    one = {(c["threshold"], c["steps"]): r["nfe"] for c, r in zip(cases, got["results"]) if len(c["prompts"]) == 1}
+    assert one[(0.9, None)] < one[(1.0, None)] and one[(1.0, 2 * max_new // B)] < one[(1.0, None)]  # several a forward
+    name, logits = got["ar"]
+    x = torch.tensor(prompts[:1])
+    with torch.no_grad():
+        want = ours.model(x, torch.arange(x.size(1)), torch.ones(x.size(1), x.size(1), dtype=torch.bool).tril())
+    assert name.endswith("ForCausalLM") and "BlockDiffusion" not in name and (torch.tensor(logits) - want[0]).abs().max() < 1e-4
+
+
+def test_the_shipped_task_dlm_decodes_in_transformers_as_here(tmp_path):
+    """The shipped character-level task dLM exported: its recipient decodes test problems as decode.py does,
+    and the README's lines print what their comment says."""
+    from checkpoint import load_run
+    tok = load_run(os.path.join(HERE, "pretrained", "tasks-dlm")).tokenizer()
+    lines = [json.loads(line)["prompt"] for line in open(os.path.join(HERE, "data", "tasks", "test.jsonl"))][:3]
+    check_recipient_decodes_as_here(os.path.join(HERE, "pretrained", "tasks-dlm"), tmp_path / "tasks-dlm-hf",
+                                    [tok.encode(t) for t in lines], max_new=24)
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    code = re.search(r"```python\n(from transformers import .*?)```", readme, re.S).group(1)
+    os.symlink(tmp_path / "tasks-dlm-hf", tmp_path / "elsewhere" / "tasks-dlm-hf")  # where the recipient runs
+    printed = recipient(code, tmp_path=tmp_path).strip().splitlines()[-1]
+    assert printed == code.strip().splitlines()[-1].split("# ", 1)[1], printed
 
 
 def test_shipped_copies_are_weights_only_and_work_like_runs(workdir, trained):
@@ -2401,7 +2503,7 @@ def test_doc_command_checker_rejects_a_bad_flag():
 
 ROOT_FILES = {"model", "decode", "train", "sample", "bench", "convert_qwen",  # the scripts a class runs and reads
               "checkpoint", "configurator", "tokenizer", "lora", "problems", "machine",  # and the modules they need
-              "animate"}
+              "animate", "hf_dlm"}  # and what an exported folder runs in transformers
 
 
 def project_files():

@@ -3,7 +3,8 @@ The two vocabularies a run can have, in one module that the scripts and checkpoi
 a character-level run's (the characters travel in its checkpoint), and a converted Qwen run's
 byte-level BPE, read from Hugging Face's tokenizer.json, run by tiktoken and saved beside the
 checkpoint as tokenizer.tiktoken (the vocabulary) and tokenizer.json (split pattern and special
-tokens); hf_tokenizer_json writes Hugging Face's format back for an export. Qwen's chat turn is
+tokens, and the source's chat template); hf_tokenizer_json writes Hugging Face's format back for
+an export (a character vocabulary's too, as byte-level BPE without merges). Qwen's chat turn is
 here too, the one place that writes it.
 """
 
@@ -88,10 +89,11 @@ def tokenizer_from_hf(path):
 class Tokenizer:
     """A tiktoken Encoding with Qwen's NFC normalisation in front."""
 
-    def __init__(self, pattern, ranks, special, name="qwen"):
+    def __init__(self, pattern, ranks, special, name="qwen", chat_template=None):
         import tiktoken
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         self.pattern, self.ranks, self.special = pattern, ranks, special
+        self.chat_template = chat_template  # the Jinja template of the checkpoint converted from, if it had one
 
     def encode(self, text, allow_special=False):
         text = unicodedata.normalize("NFC", text)
@@ -109,12 +111,28 @@ def copy_tokenizer(src_dir, out_dir):
             shutil.copy(os.path.join(src_dir, f), os.path.join(out_dir, f))
 
 
-def save_tokenizer(out_dir, pattern, ranks, special):
+def save_tokenizer(out_dir, pattern, ranks, special, chat_template=None):
     with open(os.path.join(out_dir, "tokenizer.tiktoken"), "w") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode()} {rank}\n")
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(pattern=pattern, special_tokens=special), f, ensure_ascii=False, indent=1)
+        json.dump(dict(pattern=pattern, special_tokens=special, chat_template=chat_template), f, ensure_ascii=False, indent=1)
+
+
+def chat_template_of(hf_dir):
+    """The chat template of a Hugging Face folder: chat_template.jinja, or tokenizer_config.json's
+    "chat_template" (a string, or named templates of which the default); None if it has none."""
+    jinja, config = os.path.join(hf_dir, "chat_template.jinja"), os.path.join(hf_dir, "tokenizer_config.json")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    if not os.path.exists(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(out_dir):
@@ -126,7 +144,7 @@ def load_tokenizer(out_dir):
         ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
     with open(extra, encoding="utf-8") as f:
         info = json.load(f)
-    return Tokenizer(info["pattern"], ranks, info["special_tokens"])
+    return Tokenizer(info["pattern"], ranks, info["special_tokens"], chat_template=info.get("chat_template"))
 
 
 def hf_tokenizer_json(pattern, ranks, special):
@@ -158,3 +176,4 @@ def hf_tokenizer_json(pattern, ranks, special):
                 model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                            fuse_unk=False, byte_fallback=False, ignore_merges=False,
                            vocab={text(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])}, merges=merges))
+
