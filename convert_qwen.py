@@ -307,15 +307,15 @@ def hf_weights(state, args):
 
 
 def code_files(here, first="hf_dlm"):
-    """The modules the folder's modeling code runs: hf_dlm.py and the root modules it imports, in turn."""
-    found, todo = [], [first]
-    while todo:
-        m = todo.pop()
-        if m not in found:
-            found.append(m)
-            with open(os.path.join(here, m + ".py"), encoding="utf-8") as f:
-                todo += [n for n in re.findall(r"^\s*from (\w+) import", f.read(), re.M) if os.path.exists(os.path.join(here, n + ".py"))]
-    return found
+    """The modules the folder's modeling code runs: hf_dlm.py and the root modules it imports, each of
+    whose own imports hf_dlm.py must import too (transformers 4 copies only a local folder's direct ones)."""
+    local = lambda m: [n for n in re.findall(r"^\s*from (\w+) import", open(os.path.join(here, m + ".py"), encoding="utf-8").read(),
+                                             re.M) if os.path.exists(os.path.join(here, n + ".py"))]
+    files = [first] + local(first)
+    missing = {n for m in files for n in local(m)} - set(files)
+    if missing:
+        raise ConversionError(f"{first}.py must import {sorted(missing)} itself: transformers 4 would not copy them")
+    return files
 
 
 def copy_code(to):
@@ -382,11 +382,13 @@ def write_tokenizer(to, out_dir, meta, context_len):
                                     {t: i for i, t in names.items() if i >= n})
         extra = dict(mask_token=names[n], unk_token=names[n])  # (or transformers adds an unknown token of its own)
     end = meta["end_ids"][-1] if meta.get("end_ids") else meta.get("end_id")
+    pad = names.get(meta.get("end_id"), names.get(meta["mask_id"]))  # padding=True needs one; masked by attention_mask
     with open(os.path.join(to, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(content, f, ensure_ascii=False)
     with open(os.path.join(to, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=names.get(end), pad_token=names.get(meta.get("end_id")),
-                       model_max_length=context_len, padding_side="left", **extra), f, indent=1, ensure_ascii=False)
+        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=names.get(end), pad_token=pad, padding_side="left",
+                       model_input_names=["input_ids", "attention_mask"], model_max_length=context_len, **extra),
+                  f, indent=1, ensure_ascii=False)
     return True
 
 

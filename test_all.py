@@ -2027,17 +2027,18 @@ RECIPIENT = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 folder, cases = sys.argv[1], json.loads(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)  # the default dtype
 package = type(model).__module__.rsplit(".", 1)[0]
 out = dict(files=[sys.modules[package + m].__file__ for m in (".hf_dlm", ".model", ".decode")], results=[])
-for case in cases:  # left-padded with a real token, as transformers users pass a batch
-    rows, T = case["prompts"], max(map(len, case["prompts"]))
-    ids = torch.tensor([[7] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+for case in cases:  # padded with a real token, left as the tokenizer pads (or right), and a mask
+    rows, T, left = case["prompts"], max(map(len, case["prompts"])), case["left"]
+    ids = torch.tensor([[7] * (T - len(r)) * left + r + [7] * (T - len(r)) * (not left) for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) * left + [1] * len(r) + [0] * (T - len(r)) * (not left) for r in rows])
+    more = {} if case["steps"] is None else dict(steps=case["steps"])
     new, nfe = model.generate(ids, attention_mask=mask, max_new_tokens=case["max_new_tokens"],
-                              threshold=case["threshold"], steps=case["steps"])
+                              threshold=case["threshold"], **more)
     out["results"].append(dict(new=new[:, T:].tolist(), nfe=nfe))
-ar = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+ar = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # without remote code
 out["ar"] = [type(ar).__name__, ar(torch.tensor(cases[0]["prompts"][:1])).logits[0].tolist()]
 print(json.dumps(out))
 """
@@ -2068,26 +2069,33 @@ def sharpened(run_dir, to, by=20.0):
 
 
 def check_recipient_decodes_as_here(run_dir, hf_dir, prompts, max_new=16):
-    """The exported run, loaded with trust_remote_code by a recipient, decodes batches of 1 and 3 left-padded
+    """The exported run, loaded with trust_remote_code by a recipient, decodes batches of 1 and 3 padded
     prompts at thresholds 1.0 and 0.9 and with `steps` (Efficient-DLM's count over the generation: here 2
-    forwards a block) to the tokens and forward count of decode.py; from the folder's own copy of the code;
-    without trust_remote_code it is the AR model with our logits."""
+    forwards a block) as decode.py does: each row the tokens it gets alone, the batch's forward count;
+    from the folder's own copy of the code; without trust_remote_code it is the AR model with our logits.
+    An AR run decodes as generate_ar."""
     from checkpoint import load_run
     from convert_qwen import export
     export(run_dir, hf_dir)
     ours = load_run(run_dir)
-    B = ours.recipe.block_size
-    cases = [dict(prompts=p, max_new_tokens=max_new, threshold=th, steps=st) for p in (prompts[:1], prompts)
-             for th, st in ((1.0, None), (0.9, None), (1.0, 2 * max_new // B))]
+    steps = [(1.0, None), (0.9, None), (1.0, 2 * max_new // ours.recipe.block_size)] if ours.recipe else [(1.0, None)]
+    cases = [dict(prompts=p, max_new_tokens=max_new, threshold=th, steps=st, left=True) for p in (prompts[:1], prompts)
+             for th, st in steps] + [dict(prompts=prompts, max_new_tokens=max_new, threshold=0.9, steps=None, left=False)]
     got = json.loads(recipient(RECIPIENT, str(hf_dir), json.dumps(cases), tmp_path=hf_dir.parent).splitlines()[-1])
     assert all(f.startswith(str(hf_dir.parent / "modules")) for f in got["files"]), got["files"]
-    for case, result in zip(cases, got["results"]):
+
+    def decode(rows, case):
         decoding = Decoding(threshold=case["threshold"], denoising_steps=2 if case["steps"] else 0, end_ids=ours.end_ids)
-        want, stats = generate_block(ours.model, case["prompts"], max_new, ours.recipe, decoding)
+        if ours.recipe is None:
+            return generate_ar(ours.model, rows, max_new, decoding)
+        return generate_block(ours.model, rows, max_new, ours.recipe, decoding)
+    for case, result in zip(cases, got["results"]):
+        alone = [decode([row], case)[0][0] for row in case["prompts"]]
         cut = [next((row[:i] for i, t in enumerate(row) if t in ours.end_ids), row) for row in result["new"]]
-        assert (cut, result["nfe"]) == (want, stats["forward_passes"]), case
+        assert (cut, result["nfe"]) == (alone, decode(case["prompts"], case)[1]["forward_passes"]), case
     one = {(c["threshold"], c["steps"]): r["nfe"] for c, r in zip(cases, got["results"]) if len(c["prompts"]) == 1}
-    assert one[(0.9, None)] < one[(1.0, None)] and one[(1.0, 2 * max_new // B)] < one[(1.0, None)]  # several a forward
+    if ours.recipe:
+        assert one[(0.9, None)] < one[(1.0, None)] and one[steps[2]] < one[(1.0, None)]  # several tokens a forward
     name, logits = got["ar"]
     x = torch.tensor(prompts[:1])
     with torch.no_grad():
@@ -2097,12 +2105,13 @@ def check_recipient_decodes_as_here(run_dir, hf_dir, prompts, max_new=16):
 
 def test_the_shipped_task_dlm_decodes_in_transformers_as_here(tmp_path):
     """The shipped character-level task dLM exported: its recipient decodes test problems as decode.py does,
-    and the README's lines print what their comment says."""
+    and the README's lines print what their comment says; the shipped AR model's export decodes as AR."""
     from checkpoint import load_run
     tok = load_run(os.path.join(HERE, "pretrained", "tasks-dlm")).tokenizer()
     lines = [json.loads(line)["prompt"] for line in open(os.path.join(HERE, "data", "tasks", "test.jsonl"))][:3]
-    check_recipient_decodes_as_here(os.path.join(HERE, "pretrained", "tasks-dlm"), tmp_path / "tasks-dlm-hf",
-                                    [tok.encode(t) for t in lines], max_new=24)
+    prompts = [tok.encode(t) for t in lines]
+    check_recipient_decodes_as_here(os.path.join(HERE, "pretrained", "tasks-dlm"), tmp_path / "tasks-dlm-hf", prompts, max_new=24)
+    check_recipient_decodes_as_here(os.path.join(HERE, "pretrained", "tasks-ar"), tmp_path / "tasks-ar-hf", prompts, max_new=24)
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     code = re.search(r"```python\n(from transformers import .*?)```", readme, re.S).group(1)
     os.symlink(tmp_path / "tasks-dlm-hf", tmp_path / "elsewhere" / "tasks-dlm-hf")  # where the recipient runs

@@ -121,7 +121,7 @@ def save_tokenizer(out_dir, pattern, ranks, special, chat_template=None):
 
 def chat_template_of(hf_dir):
     """The chat template of a Hugging Face folder: chat_template.jinja, or tokenizer_config.json's
-    "chat_template" (a string, or named templates of which the default); None if it has none."""
+    "chat_template" (a string, or named templates: the default, else the first); None if it has none."""
     jinja, config = os.path.join(hf_dir, "chat_template.jinja"), os.path.join(hf_dir, "tokenizer_config.json")
     if os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as f:
@@ -131,7 +131,8 @@ def chat_template_of(hf_dir):
     with open(config, encoding="utf-8") as f:
         template = json.load(f).get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        template = {t.get("name"): t.get("template") for t in template}.get("default")
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default", next(iter(named.values()), None))
     return template if isinstance(template, str) else None
 
 
