@@ -65,7 +65,7 @@ eval_batch = 100                    # prompts decoded together for the accuracy
 n_timed = 16                        # prompts per task in each timed run
 # a benchmark file of your own: accuracy of the dLM at each threshold and of its AR source, side by side
 eval = ""                           # a .jsonl file, one {"prompt": ..., "answer": ..., "check": ...} per line
-chat = False                        # --eval: wrap each prompt in Qwen's chat template (converted Qwen runs)
+chat = False                        # --eval: each prompt as one user turn of the run's chat template (converted Qwen runs)
 limit = 0                           # --eval: the first this many lines only; 0: all
 # text checkpoints
 start = "\n"                        # the prompt of the timed runs and of the samples

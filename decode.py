@@ -1,18 +1,16 @@
 """
 Decoding: AR, one token per forward, and block-parallel threshold decoding of a block-diffusion
-LM, both with the exact static KV cache of model.py. In reading order: how to decode
-(Decoding), picking a token, the two decoders; then the window that runs spans of tokens
-through the model and its cache; then what makes it fast (compiled steps, and a bfloat16 copy
-of a large model on a CPU).
+LM, both with the exact static KV cache of model.py. In reading order: how to decode (Decoding),
+picking a token, the two decoders; the window that runs spans of tokens through the model and
+its cache; what makes it fast (compiled steps, a bfloat16 copy of a large model on a CPU).
 
 All rows of a batch share the absolute positions (prompts are right-padded), so one mask serves
 the batch; a row's tokens never depend on the other rows: prompt positions are forced, positions
 past a row's end are never committed, and each row commits on its own confidences.
 
-Without the cache (Decoding(kv_cache=False)) every forward recomputes the whole window from
-scratch. That is the reference the cache is tested against (test_all.py), and the only way to
-decode bidirectional attention, whose keys change with every token (the attention ablation):
-generate_block decodes it so whatever the setting.
+Without the cache (Decoding(kv_cache=False)) every forward recomputes the whole window: the
+reference the cache is tested against, and the only way to decode bidirectional attention, whose
+keys change with every token (generate_block decodes it so whatever the setting).
 """
 
 import collections
@@ -43,6 +41,7 @@ class Decoding:
     end_ids: tuple = field(default=())  # a row stops at the first of these it generates
     compile: bool = False           # run the steps (fixed shapes) compiled, and prefills as one graph for any length
     auto_bf16: bool = True          # a large model on a CPU with bf16 instructions: a bfloat16 copy (--dtype=auto)
+    stop: object = None             # stop(row, its new tokens) true: the row ends with this block (AR: token)
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
@@ -80,17 +79,19 @@ def generate_ar(model, prompts, max_new_tokens, decoding=Decoding(), generator=N
     seq, lens, limit = prompt_buffer(prompts, max_new_tokens, 0, device)
     window = Window(model, seq, stream_rule("causal", 1), dataclasses.replace(decoding, fuse_commit=True), step_lengths=(1,))
     ends = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    steps = torch.zeros_like(lens)
+    done, steps = torch.zeros(len(prompts), dtype=torch.bool, device=device), torch.zeros_like(lens)
     for p in range(int(lens.min()), int(limit.max())):
         logits = window(p - 1, p, clean_to=p)[:, -1]
         tok, _ = pick(logits, decoding.temperature, decoding.top_k, generator)
         write = (p >= lens) & (p < limit) & ~done
         seq[:, p] = torch.where(write, tok, seq[:, p])
         steps += write
-        if decoding.end_ids:
+        if decoding.stop is not None:  # a row whose text says stop ends here
+            limit = stop_rows(decoding.stop, seq, lens, limit, p + 1)
+            done |= limit <= p + 1
+        if decoding.end_ids or decoding.stop is not None:
             done |= write & torch.isin(tok, ends)
-            if done.all():  # one host sync per token, only when there is an end token
+            if done.all():  # one host sync per token, only when rows can end early
                 break
     window.model.clear_cache()
     return outputs(seq, lens, limit, decoding.end_ids), window.stats(row_forwards=steps.tolist())
@@ -107,12 +108,11 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
     the forward starts one token earlier, at the clean end of the block before. A finished block is
     written into the cache before the next block can see it: with `fuse_commit` in the next block's
     first forward ([clean block k ; masked block k+1], the training rule), else in a commit pass of
-    its own. `on_step(s, block, committed)` is called after every forward. Bidirectional attention
-    is decoded without the cache, the only exact way.
+    its own. `on_step(s, block, committed)` is called after every forward.
 
-    stats: forward_passes (all of them: prefill, denoising steps, commit passes) and
-    row_forwards, per row the forwards spent on its own output (the steps in which it had masks
-    left, and any commit passes between its blocks): what a row would cost alone."""
+    stats: forward_passes (all of them: prefill, denoising steps, commit passes) and row_forwards,
+    per row the forwards spent on its own output (the steps in which it had masks left, and any
+    commit passes between its blocks): what a row would cost alone."""
     if recipe.pattern == "bidirectional":  # keys that change with every token: no exact cache, recompute
         decoding = dataclasses.replace(decoding, kv_cache=False)
     B, device, shift = recipe.block_size, model.embed_tokens.weight.device, int(recipe.token_shift)
@@ -142,26 +142,35 @@ def generate_block(model, prompts, max_new_tokens, recipe, decoding=Decoding(), 
             if on_step is not None:
                 on_step(s, block, commit)
         done |= (torch.isin(block, ends) & free[:, s:s + B]).any(-1)  # the block holding a row's end token is its last
-        if decoding.end_ids and done.all():
+        if decoding.stop is not None:  # a row whose text says stop ends with this block
+            limit = stop_rows(decoding.stop, seq, lens, limit, s + B)
+            done |= limit <= s + B
+        if (decoding.end_ids or decoding.stop is not None) and done.all():
             break
     window.model.clear_cache()
     row_forwards = steps + (blocks - 1).clamp(min=0) * (decoding.kv_cache and not decoding.fuse_commit)
     return outputs(seq, lens, limit, decoding.end_ids), window.stats(row_forwards=row_forwards.tolist())
 
 
+def stop_rows(stop, seq, lens, limit, end):
+    """Each row's limit, cut at `end` where stop(row, its new tokens before end) holds (a stop string, say)."""
+    cut = limit.clamp(max=end)
+    halt = [bool(stop(r, seq[r, lens[r]:e].tolist())) for r, e in enumerate(cut.tolist())]
+    return torch.where(torch.tensor(halt, device=seq.device), cut, limit)
+
+
 def shares(n, steps, B):
-    """(b, B): the fewest positions the k-th forward of a block commits, rows with n (b,) free. LLaDA's
-    even split, n // m each and one more in the first n % m, over m = ceil(steps n / B) forwards:
-    `steps` for a whole block, proportionally fewer for a partial one (steps = B: one a forward)."""
+    """(b, B): the fewest positions the k-th forward of a block commits, rows with n (b,) free. LLaDA's even split,
+    n // m each and one more in the first n % m, over m = ceil(steps n / B) forwards: `steps` for a whole block,
+    proportionally fewer for a partial one (steps = B: one a forward)."""
     j = torch.arange(B, device=n.device)
     m = torch.minimum((steps * n + B - 1) // B, n).clamp(min=1)
     return torch.where(j < m[:, None], (n // m)[:, None] + (j < (n % m)[:, None]), 0)
 
 
 def commit_rule(conf, todo, threshold, share):
-    """Which positions a forward commits (b, B): of those still to do, each at least `threshold`
-    confident (none at 1.0), and each row's `share` (b,) most confident ones, at least one while
-    the row has any left. Ties go to the leftmost position."""
+    """Which positions a forward commits (b, B): of those to do, each at least `threshold` confident (none at
+    1.0), and each row's `share` (b,) most confident ones, at least one while it has any left (ties: leftmost)."""
     conf = conf.masked_fill(~todo, -1.0)
     rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the most confident
     commit = todo & (rank < share.clamp(min=1)[:, None])
@@ -186,35 +195,28 @@ def prompt_buffer(prompts, max_new_tokens, fill, device, pad_to=1):
 
 def outputs(seq, lens, limit, end_ids):
     """Each row's generated tokens, cut at its first end token (which is dropped)."""
-    out = []
-    for r in range(seq.size(0)):
-        toks = seq[r, lens[r]:limit[r]].tolist()
-        first = next((i for i, t in enumerate(toks) if t in end_ids), len(toks))
-        out.append(toks[:first])
-    return out
+    rows = [seq[r, lens[r]:limit[r]].tolist() for r in range(seq.size(0))]
+    return [toks[:next((i for i, t in enumerate(toks) if t in end_ids), len(toks))] for toks in rows]
 
 
 @functools.lru_cache(maxsize=None)
 def stream_rule(pattern, block_size):
-    """The rule of a clean stream (decoding), one function object per pattern and block size, so
-    that compiled steps see the same rule at every call."""
+    """The rule of a clean stream (decoding), one object per pattern and block size: compiled steps see one rule."""
     return attention_rule(pattern, block_size)
 
 
 class Window:
     """Runs spans of the token buffer `seq` (b, N) through the model and counts the forwards.
 
-    With the KV cache only new tokens are run: the cache is known to hold clean keys/values up
-    to absolute position `cached_to`, and whatever lies between it and the span asked for is
-    prefilled first (prompt prefill, an AR step, a block's commit pass and the re-prefill after
-    a slide are all this one mechanism). Without the cache every forward recomputes the whole
-    window. When a span would end past the context, the window slides forward by about half a
-    context, on the grid `align`."""
+    With the KV cache only new tokens are run: the cache holds clean keys/values up to absolute position
+    `cached_to`, and whatever lies between it and the span asked for is prefilled first (prompt prefill, an
+    AR step, a block's commit pass and the re-prefill after a slide are all this one mechanism). Without the
+    cache every forward recomputes the whole window. When a span would end past the context, the window
+    slides forward by about half a context, on the grid `align`."""
 
     def __init__(self, model, seq, rule, decoding, align=1, step_lengths=()):
         self.model, self.seq, self.rule, self.kv_cache = model, seq, rule, decoding.kv_cache
-        self.align, self.fuse_prefill = align, decoding.fuse_commit
-        self.ctx = model.config.context_len
+        self.align, self.fuse_prefill, self.ctx = align, decoding.fuse_commit, model.config.context_len
         if self.ctx // 2 < align:
             raise ValueError(f"context_len {self.ctx} must be at least twice the decode block {align}")
         self.w = 0              # absolute position of the window's first token (rotary position 0)
@@ -271,10 +273,10 @@ def filled_keys(n, ctx):
 
 
 def span_logits(model, tokens, pos, rule, n_logits, kv_cache=True, n_keys=None):
-    """Logits (b, n_logits, V) of the last n_logits of tokens (b, T) at window positions pos
-    (T,). The keys are the cache's first n_keys positions (default: all; without the cache, the
-    tokens themselves), masked by the rule and to positions up to the last one run. Positions
-    are a tensor, so one compiled code serves every step of a shape, wherever it stands."""
+    """Logits (b, n_logits, V) of the last n_logits of tokens (b, T) at window positions pos (T,). The keys
+    are the cache's first n_keys positions (default: all; without the cache, the tokens themselves), masked
+    by the rule and to positions up to the last one run. Positions are a tensor, so one compiled code
+    serves every step of a shape, wherever it stands."""
     keys = torch.arange(n_keys or model.config.context_len, device=pos.device) if kv_cache else pos
     mask = dense_mask(rule, pos, keys) & (keys <= pos[-1])
     return model(tokens, pos, mask, logits_slice=slice(tokens.size(1) - n_logits, None))
@@ -305,9 +307,7 @@ def step_model(model, decoding):
     AMX) reads half the bytes at nearer one row's cost for a few rows: a bfloat16 copy (unless
     auto_bf16 is off), made again when the weights change; compiled, the weights frozen (prepacked)."""
     p = model.embed_tokens.weight
-    if not (p.device.type == "cpu" and p.dtype == torch.float32):
-        return model, False
-    if sum(q.numel() for q in model.parameters()) * 4 < LARGE_WEIGHTS:
+    if not (p.device.type == "cpu" and p.dtype == torch.float32) or sum(q.numel() for q in model.parameters()) * 4 < LARGE_WEIGHTS:
         return model, False
     frozen = decoding.compile and decoding.kv_cache  # (without the cache nothing is compiled)
     if not (decoding.auto_bf16 and cpu_has_bf16()):

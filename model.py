@@ -286,7 +286,7 @@ class Transformer(nn.Module):
         """idx (b, T) token ids at rotary positions pos (T,) or (b, T); mask: dense bool (T, keys) or a
         BlockMask. With a KV cache set up, the T new keys are written at their positions and
         the queries attend to the cache's first `keys` positions (the mask's last dimension). Returns float32 logits of
-        the inputs in logits_slice (the head is the costliest layer of a big-vocabulary model,
+        the inputs in logits_slice, a slice or an index tensor (the head is the costliest layer of a big-vocabulary model,
         so only the positions needed go through it)."""
         x = self.embed_tokens(idx)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
@@ -372,11 +372,11 @@ def diffusion_logits(model, x_t, x_0, mask, recipe):
         idx, pos = torch.cat([x_t, x_0], 1), pos.repeat(2)
     if not recipe.token_shift:
         return model(idx, pos, mask, logits_slice=slice(0, L))
-    logits = model(idx, pos, mask)
     source = pos[:L] - 1  # the input before, in the noisy copy
     if recipe.pattern == "block":
         source = torch.where(pos[:L] % recipe.block_size == 0, L + source, source)  # the clean copy's, at i - 1
-    return torch.where((pos[:L] > 0)[:, None], logits[:, source.clamp(min=0)], 0.0)
+    logits = model(idx, pos, mask, logits_slice=source.clamp(min=0))  # the head runs over those L inputs only
+    return torch.where((pos[:L] > 0)[:, None], logits, 0.0)
 
 
 def diffusion_loss(model, x_0, recipe, maskable=None, generator=None, flex=False):

@@ -244,8 +244,8 @@ def decoder(model, recipe, decoding, generator=None):
 
 
 def encode_prompt(tokenizer, prompt, chat=False):
-    """A problem's prompt as tokens, in Qwen's chat template if asked."""
-    return tokenizer.encode(chat_prompt(prompt), allow_special=True) if chat else tokenizer.encode(prompt)
+    """A problem's prompt as tokens, as one user turn of the run's chat template if asked."""
+    return tokenizer.encode(chat_prompt(prompt, tokenizer.chat_template), allow_special=True) if chat else tokenizer.encode(prompt)
 
 
 def answer_room(problems, tokenizer):

@@ -50,7 +50,7 @@ animate = ""                # dLM: draw the decoding into this GIF file, a frame
                             # needs matplotlib); '': off
 examples = 0                # task runs: decode this many held-out test problems instead of --start, one per task
                             # in turn, a row each; 0: off
-chat = False                # converted Qwen checkpoints: wrap the prompt in Qwen's chat template
+chat = False                # converted Qwen runs: the prompt as one user turn of the chat template saved at conversion
 # -----------------------------------------------------------------------------
 load_config(globals())
 # -----------------------------------------------------------------------------
@@ -105,7 +105,7 @@ if examples:  # the run's test problems, as bench.py reads them: the first of ea
     texts = [p["prompt"] for p in problems]
     max_new_tokens = min(max_new_tokens, answer_room(problems, tokenizer))
 if chat:
-    texts = [chat_prompt(t) for t in texts]
+    texts = [chat_prompt(t, tokenizer.chat_template) for t in texts]
 try:
     prompts = [tokenizer.encode(t, allow_special=chat) for t in texts]
 except ValueError as e:

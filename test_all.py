@@ -1547,7 +1547,7 @@ def test_checkpoint_from_before_the_cut_loads(workdir, ar_run):
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "convert_qwen.py", "dev/microbench.py", "dev/ablate.py",
                                     "dev/drift.py", "dev/ship.py", "data/shakespeare_char/prepare.py", "data/tasks/prepare.py",
-                                    "data/text/prepare.py"])
+                                    "data/text/prepare.py", "eval_harness.py"])
 def test_help_lists_every_setting(script):
     """--help (also -h, --help=anything) prints each setting with its value and its comment, and
     exits 0; after a config file, with the values it sets."""
@@ -1952,6 +1952,7 @@ def test_qwen_convert_prepare_train_sample(tmp_path, kind):
     assert last_json(out)["mode"] == "dlm"  # the read-back run decodes as a dLM
     check_export(tmp_path / "out-qwen-dlm", tmp_path / "exported", tmp_path / "out-back", sharded=kind == "qwen2")
     assert json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())["chat_template"] == ONE_TURN
+    check_the_converted_context_is_kept(tmp_path / "out-qwen-dlm")
     check_recipient_decodes_as_here(sharpened(tmp_path / "out-qwen-dlm", tmp_path / "out-sharp"), tmp_path / "sharp-hf",
                                     [torch.randint(0, 600, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                                      for n in (5, 9, 14)])
@@ -1974,6 +1975,19 @@ def test_qwen_convert_prepare_train_sample(tmp_path, kind):
     assert last_json(out)["mode"] == "ar" and last_json(out)["forward_passes"] == 8  # converted, not yet trained: AR
     meta = json.loads((tmp_path / "data" / "text" / "meta.json").read_text())
     assert meta["dtype"] == "uint32" and meta["mask_token"] == "<|fim_pad|>"
+
+
+def check_the_converted_context_is_kept(run_dir):
+    """A run trained on 32-token windows from a model converted with a 64-token context decodes with 64:
+    a 50-token prompt and 12 new tokens do not slide the window (the tokens of a model that reads 128)."""
+    from checkpoint import load_run
+    run = load_run(run_dir)
+    assert run.config["context_len"] == 32 and run.model.config.context_len == 64
+    wide = Transformer(dataclasses.replace(run.model.config, context_len=128)).eval()
+    wide.load_state_dict(run.model.state_dict())
+    prompt = [torch.randint(0, 600, (50,), generator=torch.Generator().manual_seed(0)).tolist()]
+    want = generate_block(wide, prompt, 12, run.recipe, Decoding(threshold=0.9))
+    assert generate_block(run.model, prompt, 12, run.recipe, Decoding(threshold=0.9)) == want
 
 
 def check_export(run_dir, hf_dir, back_dir, sharded):
@@ -2107,9 +2121,9 @@ def test_the_shipped_task_dlm_decodes_in_transformers_as_here(tmp_path):
     """The shipped character-level task dLM exported: its recipient decodes test problems as decode.py does,
     and the README's lines print what their comment says; the shipped AR model's export decodes as AR."""
     from checkpoint import load_run
-    tok = load_run(os.path.join(HERE, "pretrained", "tasks-dlm")).tokenizer()
-    lines = [json.loads(line)["prompt"] for line in open(os.path.join(HERE, "data", "tasks", "test.jsonl"))][:3]
-    prompts = [tok.encode(t) for t in lines]
+    from problems import load_problems
+    shipped = load_run(os.path.join(HERE, "pretrained", "tasks-dlm"))
+    prompts = [shipped.tokenizer().encode(p["prompt"]) for p in load_problems("tasks", shipped.meta, 1)[:3]]
     check_recipient_decodes_as_here(os.path.join(HERE, "pretrained", "tasks-dlm"), tmp_path / "tasks-dlm-hf", prompts, max_new=24)
     check_recipient_decodes_as_here(os.path.join(HERE, "pretrained", "tasks-ar"), tmp_path / "tasks-ar-hf", prompts, max_new=24)
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
@@ -2117,6 +2131,210 @@ def test_the_shipped_task_dlm_decodes_in_transformers_as_here(tmp_path):
     os.symlink(tmp_path / "tasks-dlm-hf", tmp_path / "elsewhere" / "tasks-dlm-hf")  # where the recipient runs
     printed = recipient(code, tmp_path=tmp_path).strip().splitlines()[-1]
     assert printed == code.strip().splitlines()[-1].split("# ", 1)[1], printed
+
+
+# ----------------------------------------------------------------------------------------
+# lm-evaluation-harness on any run (eval_harness.py), and what a converted Qwen run decodes with
+
+def test_stop_strings_end_a_row_with_its_block():
+    """Decoding.stop ends a row after the block (AR: the token) at which stop(row, tokens) first
+    holds: the tokens are those of decoding without it, cut there, the other rows untouched."""
+    model, recipe = tiny_model(), Recipe(block_size=4, mask_id=23)
+    prompts = prompts_of([3, 6, 9])
+    stop = lambda r, toks: toks.count(toks[0]) >= 2 if toks and r != 1 else False  # the first token again
+    for decode, unit in [(lambda d: generate_block(model, prompts, 20, recipe, d), 4), (lambda d: generate_ar(model, prompts, 20, d), 1)]:
+        (full, whole), (cut, stats) = decode(Decoding(threshold=0.7)), decode(Decoding(threshold=0.7, stop=stop))
+        for r, (a, b, n) in enumerate(zip(full, cut, map(len, prompts))):
+            at = next((j for j in range(1, len(a) + 1) if stop(r, a[:j])), None)
+            # the row ends with the block holding that token: blocks lie on the grid of absolute positions
+            want = a if at is None else a[:at] if unit == 1 else a[:-(-(n + at) // unit) * unit - n]
+            assert b == want, (r, unit)
+        assert any(len(b) < len(a) for a, b in zip(full, cut)) and cut[1] == full[1]
+        assert sum(stats["row_forwards"]) < sum(whole["row_forwards"])  # the stopped rows spent fewer forwards
+
+
+def enumerated_bound(model, recipe, ctx, cont):
+    """The expectation of eval_harness.dlm_loglikelihood by brute force: every block of the continuation,
+    every number k of its n tokens and every k-subset, weighted 1 / (n C(n, k)), scored (n/k) x log-probs."""
+    from itertools import combinations
+    B, n = recipe.block_size, len(ctx) + len(cont)
+    L = -(-n // B) * B
+    x_0 = torch.tensor([ctx + cont + [recipe.mask_id] * (L - n)])
+    mask = training_mask(recipe.pattern, B, L)
+    total = 0.0
+    for b in range(L // B):
+        free = [i for i in range(b * B, (b + 1) * B) if len(ctx) <= i < n]
+        for k in range(1, len(free) + 1):
+            for subset in combinations(free, k):
+                x_t = x_0.clone()
+                x_t[0, list(subset)] = recipe.mask_id
+                logp = torch.log_softmax(diffusion_logits(model, x_t, x_0, mask, recipe)[0].double(), -1)
+                value = len(free) / k * sum(logp[i, x_0[0, i]].item() for i in subset)
+                total += value / (len(free) * math.comb(len(free), k))
+    return total
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_dlm_loglikelihood_against_the_enumeration_of_every_mask(shift):
+    """The dLM's loglikelihood estimate: its expectation, every mask enumerated, is a stated value (the
+    any-order bound, here computed by brute force); 4000 draws lie within 4 standard errors of it; a
+    continuation of one token has one mask, so every draw is its exact log-probability."""
+    from eval_harness import dlm_loglikelihood
+    model, recipe = tiny_model(sharp=3.0), Recipe(block_size=4, mask_id=23, token_shift=shift)
+    ctx, cont = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]  # the continuation starts inside a block and spans three
+    exact = enumerated_bound(model, recipe, ctx, cont)
+    estimate, se = dlm_loglikelihood(model, recipe, ctx, cont, 4000, torch.Generator().manual_seed(0))
+    assert se > 0 and abs(estimate - exact) < 4 * se, (estimate, exact, se)
+    one, se = dlm_loglikelihood(model, recipe, ctx, [6], 5, torch.Generator().manual_seed(0))
+    assert se == 0 and abs(one - enumerated_bound(model, recipe, ctx, [6])) < 1e-6  # (the logits are float32)
+
+
+def test_is_greedy_for_ar_and_dlm():
+    """is_greedy: the continuation is what greedy decoding writes from the context (a dLM at threshold
+    1.0); one token changed, it is not. An AR run's log-likelihood is the sum of its next-token log-probs."""
+    from types import SimpleNamespace
+    from checkpoint import Run
+    from eval_harness import Harness
+    opt = SimpleNamespace(device="cpu", seed=0, ll_samples=4, chat=False)
+    for recipe in (None, Recipe(block_size=4, mask_id=23)):
+        model = tiny_model()
+        run = Run(model, recipe, {}, dict(itos=[chr(97 + i) for i in range(24)], mask_id=23, end_id=None), "")
+        h = Harness(run, Decoding(), opt)
+        ctx = [1, 2, 3, 4, 5]
+        cont = (generate_ar(model, [ctx], 6) if recipe is None else generate_block(model, [ctx], 6, recipe, Decoding(threshold=1.0)))[0][0]
+        logp, greedy = h.score_tokens(ctx, cont)
+        assert greedy and not h.score_tokens(ctx, cont[:3] + [(cont[3] + 1) % 23] + cont[4:])[1]
+        if recipe is None:
+            x = torch.tensor([ctx + cont])
+            want = torch.log_softmax(model(x, torch.arange(11), torch.ones(11, 11, dtype=torch.bool).tril()).double(), -1)
+            assert abs(logp - sum(want[0, i - 1, x[0, i]].item() for i in range(5, 11))) < 1e-6  # (float32 logits)
+
+
+HARNESS_TASKS = os.path.join(HERE, "data", "tasks", "lm_eval")
+
+
+def harness_tasks(tmp_path, problems):
+    """The shipped local lm-eval tasks, reading `problems` from a JSONL file of the test's own."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    for f in os.listdir(HARNESS_TASKS):
+        text = open(os.path.join(HARNESS_TASKS, f)).read().replace("data/tasks/test.jsonl", str(tmp_path / "problems.jsonl"))
+        (tmp_path / "tasks" / f).write_text(text)
+    return tmp_path / "tasks"
+
+
+def test_eval_harness_scores_as_bench_does(tmp_path):
+    """eval_harness.py through lm-eval on local tasks: on the shipped dLM (at threshold 0.5, where it errs)
+    and AR model, the generate_until task's exact match equals bench.py --eval's accuracy on the same
+    problems and max_new_tokens; the multiple-choice task scores by loglikelihood; the JSON summary is
+    the last line with both streams in one file."""
+    pytest.importorskip("lm_eval")
+    from checkpoint import load_run
+    from problems import load_problems
+    problems = load_problems("tasks", load_run(os.path.join(HERE, "pretrained", "tasks-dlm")).meta, 6)
+    tasks = harness_tasks(tmp_path, problems)
+    (tmp_path / "pretrained" / "tasks-dlm").mkdir(parents=True)  # bench.py writes its outputs beside the run
+    os.symlink(os.path.join(HERE, "pretrained", "tasks-dlm", "ckpt.pt"), tmp_path / "pretrained" / "tasks-dlm" / "ckpt.pt")
+    os.symlink(os.path.join(HERE, "pretrained", "tasks-ar"), tmp_path / "pretrained" / "tasks-ar")
+    code, out, err = run(os.path.join(HERE, "bench.py"), "--out_dir=pretrained/tasks-dlm", f"--eval={tmp_path / 'problems.jsonl'}",
+                         "--thresholds=0.5", "--max_new_tokens=40", "--n_timed=1", "--repeats=1", "--device=cpu", cwd=tmp_path)
+    assert code == 0, err
+    bench = {r["mode"]: r["accuracy"] for r in last_json(out)["eval"]}
+    for mode in ("dlm", "ar"):
+        with open(tmp_path / f"{mode}.log", "wb") as log:
+            r = subprocess.run([sys.executable, os.path.join(HERE, "eval_harness.py"), f"--out_dir=pretrained/tasks-{mode}",
+                                "--tasks=tasks_exact,tasks_choice", f"--include_path={tasks}", "--include_defaults=False",
+                                "--thresholds=0.5", "--batch_size=8", "--device=cpu"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        text = (tmp_path / f"{mode}.log").read_bytes().decode()
+        assert r.returncode == 0, text[-3000:]
+        result = json.loads(text.removesuffix("\n").split("\n")[-1])
+        row = result["rows"][0]
+        assert result["mode"] == mode and row["threshold"] == (0.5 if mode == "dlm" else None)
+        assert round(100 * row["metrics"]["tasks_exact"]["exact_match,none"], 2) == bench[mode], (row, bench)
+        assert row["metrics"]["tasks_choice"]["acc,none"] >= 0.9 and row["tokens_per_forward"] > (2 if mode == "dlm" else 0.9)
+    assert bench["dlm"] < 100  # the comparison covers wrong answers too
+
+
+def test_eval_harness_without_lm_eval_is_a_one_line_error(tmp_path):
+    (tmp_path / "lm_eval").mkdir()
+    (tmp_path / "lm_eval" / "__init__.py").write_text("raise ImportError(\"No module named 'lm_eval'\")\n")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval_harness.py"), "--out_dir=pretrained/tasks-dlm", "--tasks=x"],
+                       cwd=HERE, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "pip install lm-eval" in lines[0], r.stderr
+
+
+QWEN25_LIKE = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+               "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+               "{%- endif %}\n{%- for message in messages %}{%- if message.role == 'system' and loop.first %}{%- continue %}{%- endif %}"
+               "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}\n"
+               "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+QWEN3_LIKE = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>\\n' }}"
+              "{%- endfor %}\n{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_chat_renders_the_template_saved_at_conversion_as_transformers_does(tmp_path, kind):
+    """--chat's one user turn is the run's own template (saved at conversion) rendered as transformers'
+    apply_chat_template renders it: Qwen2/2.5's default system message, Qwen3's thinking off."""
+    transformers = pytest.importorskip("transformers")
+    from convert_qwen import convert
+    from problems import encode_prompt
+    from tokenizer import chat_prompt, load_tokenizer
+    template = QWEN25_LIKE if kind == "qwen2" else QWEN3_LIKE
+    tiny_hf_model(kind, torch.float32).save_pretrained(tmp_path / "hf")
+    hf_tokenizer(TEXTS * 5).save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(dict(chat_template=template, eos_token="<|im_end|>")))
+    convert(tmp_path / "hf", tmp_path / "ours")
+    tok = load_tokenizer(tmp_path / "ours")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("Name three rivers.", "  2+2?\n"):
+        want = theirs.apply_chat_template([dict(role="user", content=text)], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=False)
+        assert chat_prompt(text, tok.chat_template) == want
+        assert encode_prompt(tok, text, chat=True) == tok.encode(want, allow_special=True)
+    assert ("You are Qwen" in want) == (kind == "qwen2") and want.endswith("<think>\n\n</think>\n\n") == (kind == "qwen3")
+    from types import SimpleNamespace
+    from checkpoint import load_run
+    from eval_harness import Harness  # a likelihood request in chat form: the user's turn, then the answer's start
+    h = Harness(load_run(tmp_path / "ours"), Decoding(), SimpleNamespace(device="cpu", seed=0, ll_samples=2, chat=True))
+    ctx, cont = h.pair("Name three rivers.", " The Nile")
+    assert tok.decode(ctx) == chat_prompt("Name three rivers.", tok.chat_template) and tok.decode(cont) == " The Nile"
+
+
+def test_prepare_streams_a_corpus_through_datasets(tmp_path):
+    """data/text/prepare.py --hf_dataset streams documents through `datasets` (here a local parquet file, in
+    the format of a hub corpus) to --max_tokens, the same tokens as the documents read from a .jsonl file;
+    without `datasets` it is a one-line error naming the install."""
+    pytest.importorskip("datasets")
+    import pyarrow
+    import pyarrow.parquet
+    hf_tokenizer(TEXTS * 5).save(str(tmp_path / "tokenizer.json"))
+    from convert_qwen import convert
+    tiny_hf_model("qwen3", torch.float32).save_pretrained(tmp_path / "hf")
+    os.replace(tmp_path / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    convert(tmp_path / "hf", tmp_path / "ours", context_len=64)
+    docs = [t * (i + 1) for i, t in enumerate(TEXTS * 3)]
+    pyarrow.parquet.write_table(pyarrow.table(dict(text=docs, id=list(range(len(docs))))), tmp_path / "corpus.parquet")
+    from tokenizer import load_tokenizer
+    lengths = [len(load_tokenizer(tmp_path / "ours").encode(d)) + 1 for d in docs]
+    n = next(i for i in range(len(docs)) if sum(lengths[:i + 1]) >= 300) + 1  # documents up to the one reaching 300 tokens
+    (tmp_path / "first.jsonl").write_text("".join(json.dumps(dict(text=d)) + "\n" for d in docs[:n]))
+    script = os.path.join(HERE, "data", "text", "prepare.py")
+    for args, to in [(["--hf_dataset=parquet", f"--hf_files={tmp_path / 'corpus.parquet'}", "--max_tokens=300"], "streamed"),
+                     ([f"--input={tmp_path / 'first.jsonl'}"], "read")]:
+        code, out, err = run(script, *args, "--tokenizer=ours", f"--out_dir={to}", "--val_fraction=0.1", cwd=tmp_path)
+        assert code == 0, err
+    for split in ("train", "val"):
+        assert (tmp_path / "streamed" / f"{split}.bin").read_bytes() == (tmp_path / "read" / f"{split}.bin").read_bytes()
+    assert sum(lengths[:n]) >= 300 > sum(lengths[:n - 1])
+    (tmp_path / "block" / "datasets").mkdir(parents=True)
+    (tmp_path / "block" / "datasets" / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
+    r = subprocess.run([sys.executable, script, "--hf_dataset=parquet", "--tokenizer=ours", "--out_dir=x"], cwd=tmp_path,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path / "block")))
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "tokenising" not in line]
+    assert r.returncode != 0 and len(lines) == 1 and "pip install datasets" in lines[0], r.stderr
 
 
 def test_shipped_copies_are_weights_only_and_work_like_runs(workdir, trained):
@@ -2512,7 +2730,7 @@ def test_doc_command_checker_rejects_a_bad_flag():
 
 ROOT_FILES = {"model", "decode", "train", "sample", "bench", "convert_qwen",  # the scripts a class runs and reads
               "checkpoint", "configurator", "tokenizer", "lora", "problems", "machine",  # and the modules they need
-              "animate", "hf_dlm"}  # and what an exported folder runs in transformers
+              "animate", "hf_dlm", "eval_harness"}  # and what an exported folder runs in transformers; lm-eval
 
 
 def project_files():
@@ -2542,7 +2760,7 @@ def test_the_root_is_the_method_and_imports_run_one_way():
     source = {f: open(os.path.join(HERE, f), encoding="utf-8").read() for f in files}
     calls = lambda f: {n.func.id for n in ast.walk(ast.parse(source[f])) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     scripts = {f[:-3] for f in files if os.sep not in f and "load_config" in calls(f)}
-    assert scripts == {"train", "sample", "bench", "convert_qwen"}, scripts
+    assert scripts == {"train", "sample", "bench", "convert_qwen", "eval_harness"}, scripts
     for f in files:
         assert not local_imports(f) & scripts, (f, local_imports(f) & scripts)
         assert not re.search(r"spec_from_file_location|SourceFileLoader|runpy|load_source|import_module\(", source[f]), f

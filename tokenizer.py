@@ -20,9 +20,22 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def chat_prompt(text):
-    """text as one user turn of Qwen's chat template, ready for the assistant's answer."""
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+def chat_prompt(text, template=None):
+    """text as one user turn, ready for the assistant's answer, in the chat template the run saved at
+    conversion, rendered as transformers' apply_chat_template renders it (Qwen2/2.5's then add their
+    default system message; Qwen3's is rendered with thinking off, enable_thinking=False); without a
+    saved template, a bare ChatML turn (CHAT_TEMPLATE's)."""
+    if template is None:
+        return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    import jinja2.sandbox  # installed with torch
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=[dict(role="user", content=text)], add_generation_prompt=True,
+                                            enable_thinking=False)
 
 
 class TokenizerError(ValueError):

@@ -209,7 +209,7 @@ if init_from != "scratch":
         if key in config and key != "context_len" and config[key] != defaults[key] and config[key] != value:
             sys.exit(f"error: {key}={config[key]!r} was asked for but {ckpt_path} has {key}={value!r}; "
                      f"drop the flag (the checkpoint brings its architecture) or train from scratch")
-    model_args = dict(checkpoint["model_args"], context_len=context_len)
+    model_args = dict(checkpoint["model_args"], context_len=max(context_len, checkpoint["model_args"]["context_len"]))  # decoding reads the longer
     if model_args["vocab_size"] != meta["vocab_size"]:
         sys.exit(f"error: {ckpt_path} has vocab_size {model_args['vocab_size']} but data/{dataset} has "
                  f"{meta['vocab_size']}; use the dataset the checkpoint was trained on")

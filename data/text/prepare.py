@@ -4,9 +4,16 @@ Tokenise plain text with a converted Qwen tokenizer (convert_qwen.py) for train.
     python data/text/prepare.py --input=FILE_OR_DIR --tokenizer=out-qwen3-0.6b
 
 Reads .txt files (one document each) and .jsonl files (one document per line, in --text_field),
-a single file or every such file under a folder. Documents are separated by <|endoftext|>. Writes
-train.bin / val.bin (uint32: Qwen's ids do not fit in uint16), meta.json, and a copy of the
-tokenizer, next to this script unless --out_dir says otherwise.
+a single file or every such file under a folder; or, with internet and `pip install datasets`, a
+public corpus streamed from the Hugging Face hub, as many tokens as asked (--max_tokens):
+
+    python data/text/prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_subset=sample-10BT \
+        --max_tokens=400_000_000 --tokenizer=out-qwen3-0.6b
+
+(--hf_dataset=parquet or json with --hf_files=... streams local files of those formats the same
+way). Documents are separated by <|endoftext|>. Writes train.bin / val.bin (uint32: Qwen's ids do
+not fit in uint16), meta.json, and a copy of the tokenizer, next to this script unless --out_dir
+says otherwise.
 """
 
 import json
@@ -22,7 +29,11 @@ from configurator import load_config  # noqa: E402
 from tokenizer import copy_tokenizer, load_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
-input = ""                  # required: a .txt or .jsonl file, or a folder of them
+input = ""                  # a .txt or .jsonl file, or a folder of them (or --hf_dataset)
+hf_dataset = ""             # instead: a corpus streamed through `datasets`, e.g. HuggingFaceFW/fineweb-edu
+hf_subset = ""              # its configuration, e.g. sample-10BT; '': the default
+hf_files = ""               # data_files, for --hf_dataset=parquet or json: local files (a glob) of that format
+max_tokens = 0              # stop after the document that reaches this many tokens; 0: all of the input
 tokenizer = ""              # required: the out_dir of convert_qwen.py (or of a run trained from it)
 text_field = "text"         # the field of each .jsonl line that holds the text
 val_fraction = 0.01         # the share of tokens kept for validation (the last ones)
@@ -30,6 +41,19 @@ out_dir = ""                # where to write train.bin, val.bin, meta.json and t
 # -----------------------------------------------------------------------------
 config = load_config(globals())
 # -----------------------------------------------------------------------------
+
+
+def streamed(name, subset, files, field):
+    """The text of each document of a corpus that `datasets` streams (its train split)."""
+    try:
+        import datasets
+    except ImportError:
+        sys.exit("error: --hf_dataset needs the datasets library: pip install datasets")
+    rows = datasets.load_dataset(name, subset or None, data_files=files or None, split="train", streaming=True)
+    for row in rows:
+        if field not in row:
+            sys.exit(f"error: {name} has no '{field}' field (it has {', '.join(row)}); pass --text_field")
+        yield row[field]
 
 
 def documents(path, field):
@@ -51,12 +75,14 @@ def documents(path, field):
                         sys.exit(f"error: {name} line {n} is not a JSON object with a '{field}' field (--text_field)")
 
 
-for name, what in [("input", "a .txt or .jsonl file, or a folder of them"),
-                   ("tokenizer", "the out_dir of convert_qwen.py, e.g. --tokenizer=out-qwen3-0.6b")]:
-    if not config[name]:
-        sys.exit(f"error: {name} is required: {what} (--{name})")
-if not os.path.exists(input):
+if bool(input) == bool(hf_dataset):
+    sys.exit("error: give the text as --input (a .txt or .jsonl file, or a folder of them) or --hf_dataset, one of them")
+if not tokenizer:
+    sys.exit("error: tokenizer is required: the out_dir of convert_qwen.py, e.g. --tokenizer=out-qwen3-0.6b (--tokenizer)")
+if input and not os.path.exists(input):
     sys.exit(f"error: input {input} not found (--input)")
+if not (isinstance(max_tokens, int) and max_tokens >= 0):
+    sys.exit(f"error: max_tokens must be 0 (all) or a number of tokens, got {max_tokens!r} (--max_tokens)")
 if not 0 < val_fraction < 1:
     sys.exit(f"error: val_fraction must be between 0 and 1, got {val_fraction} (--val_fraction)")
 out_dir = out_dir or os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +95,15 @@ try:
 except CheckpointError as e:
     sys.exit(f"error: {e}")
 
-docs = [np.array(enc.encode(d) + [meta["end_id"]], dtype=np.uint32)  # 4 bytes a token, not a Python int
-        for d in tqdm(documents(input, text_field), desc="tokenising", unit=" docs")]
+docs, total = [], 0
+source = streamed(hf_dataset, hf_subset, hf_files, text_field) if hf_dataset else documents(input, text_field)
+for d in tqdm(source, desc="tokenising", unit=" docs"):
+    docs.append(np.array(enc.encode(d) + [meta["end_id"]], dtype=np.uint32))  # 4 bytes a token, not a Python int
+    total += len(docs[-1])
+    if max_tokens and total >= max_tokens:
+        break
+if not docs:
+    sys.exit(f"error: {input or hf_dataset} holds no documents")
 tokens = np.concatenate(docs)
 n_val = max(1, round(len(tokens) * val_fraction))  # the last tokens, as nanoGPT splits its text
 splits = dict(train=tokens[:len(tokens) - n_val], val=tokens[len(tokens) - n_val:])
