@@ -343,7 +343,13 @@ def model_card(name, args, recipe, config, meta, threshold, has_tokenizer=True):
         "The vocabulary is one token per character." if has_tokenizer else \
         ("It has no Hugging Face tokenizer (characters of several bytes): its vocabulary is one id per character, "
          "listed in config.json under block_diffusion.meta.itos.")
-    return f"""# {name}
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [{'block-diffusion, dlm' if recipe else 'autoregressive'}, nano-block-diffusion]
+---
+
+# {name}
 
 {kind}-style weights ({args['n_layer']} layers x {args['n_embd']}, vocabulary {args['vocab_size']:,}, context
 {args['context_len']}), exported by nano block diffusion's convert_qwen.py. The model is {what}.
