@@ -306,28 +306,25 @@ def hf_weights(state, args):
     return dict(tensors, **zeros), sorted(zeros)
 
 
-def code_files(here, first="hf_dlm"):
-    """The modules the folder's modeling code runs: hf_dlm.py and the root modules it imports, each of
-    whose own imports hf_dlm.py must import too (transformers 4 copies only a local folder's direct ones)."""
-    local = lambda m: [n for n in re.findall(r"^\s*from (\w+) import", open(os.path.join(here, m + ".py"), encoding="utf-8").read(),
-                                             re.M) if os.path.exists(os.path.join(here, n + ".py"))]
-    files = [first] + local(first)
-    missing = {n for m in files for n in local(m)} - set(files)
+def copy_code(to, first="hf_dlm"):
+    """Copies the modeling code into the folder: hf_dlm.py and the root modules it imports, their imports
+    of each other made relative (transformers runs a folder's code as a package, and copies the files its
+    modeling file reaches by relative imports; transformers 4 only those it imports itself, so hf_dlm.py
+    must import every module the others need)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = {}
+
+    def read(m):  # a module's text and the root modules it imports
+        with open(os.path.join(here, m + ".py"), encoding="utf-8") as f:
+            source[m] = f.read()
+        return [n for n in re.findall(r"^\s*from (\w+) import", source[m], re.M) if os.path.exists(os.path.join(here, n + ".py"))]
+    files = [first] + read(first)
+    missing = {n for m in files[1:] for n in read(m)} - set(files)
     if missing:
         raise ConversionError(f"{first}.py must import {sorted(missing)} itself: transformers 4 would not copy them")
-    return files
-
-
-def copy_code(to):
-    """Copies the modeling code into the folder, its imports of each other made relative: transformers
-    runs a folder's own code as a package, and copies the files its modeling file reaches by relative imports."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    files = code_files(here)
     for m in files:
-        with open(os.path.join(here, m + ".py"), encoding="utf-8") as f:
-            text = re.sub(rf"^(\s*)from ({'|'.join(files)}) import", r"\1from .\2 import", f.read(), flags=re.M)
         with open(os.path.join(to, m + ".py"), "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(re.sub(rf"^(\s*)from ({'|'.join(files)}) import", r"\1from .\2 import", source[m], flags=re.M))
 
 
 def model_card(name, args, recipe, config, meta, threshold, has_tokenizer=True):

@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_run
 from configurator import load_config, resolve_device, resolve_dtype
-from decode import Decoding, generate_ar, generate_block
+from decode import Decoding, generate_block
 from model import corrupt, diffusion_logits, training_mask
-from problems import encode_prompt
+from problems import decoder, encode_prompt
 from tokenizer import chat_prompt
 
 # -----------------------------------------------------------------------------
@@ -85,7 +85,8 @@ def dlm_loglikelihood(model, recipe, context, continuation, samples, generator):
     maskable[:, len(context):n] = True
     per_block = maskable.view(1, L // B, B).sum(-1)
     draws, at_once = [], max(1, 2 ** 28 // (L * model.config.vocab_size))
-    for m in [at_once] * (samples // at_once) + [samples % at_once] * (samples % at_once > 0):
+    for start in range(0, samples, at_once):
+        m = min(at_once, samples - start)
         k = (torch.rand(m, L // B, device=device, generator=generator) * per_block).floor() + 1
         k = torch.where(per_block > 0, k, 0)  # blocks without continuation tokens stay clean
         x_t, masked = corrupt(x_0.expand(m, L), recipe, torch.zeros_like(k), k, 0.0, maskable=maskable.expand(m, L),
@@ -137,10 +138,7 @@ class Harness:
         stop = lambda r, toks: any(u in self.tok.decode(toks) for u in until[r])
         decoding = dataclasses.replace(self.decoding, stop=stop)
         t0 = time.perf_counter()
-        if self.run.recipe is None:
-            outs, stats = generate_ar(self.run.model, prompts, n_new, decoding, self.generator())
-        else:
-            outs, stats = generate_block(self.run.model, prompts, n_new, self.run.recipe, decoding, self.generator())
+        outs, stats = decoder(self.run.model, self.run.recipe, decoding, self.generator())(prompts, n_new)
         self.seconds += time.perf_counter() - t0
         texts = []
         for r, (toks, forwards) in enumerate(zip(outs, stats["row_forwards"])):

@@ -21,7 +21,11 @@ import os
 import re
 
 import torch
-from transformers import PreTrainedModel, Qwen2Config, Qwen3Config
+
+try:  # this file runs inside transformers, from an exported folder
+    from transformers import PreTrainedModel, Qwen2Config, Qwen3Config
+except ImportError:
+    raise ImportError("hf_dlm.py is the modeling code of an exported folder: pip install 'transformers>=4.51'") from None
 
 from decode import Decoding, generate_ar, generate_block
 from machine import cpu_has_bf16  # noqa: F401 (unused here: transformers 4 copies only the modules that
@@ -120,7 +124,7 @@ class BlockDiffusionLM(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=128, block_length=None, threshold=0.9,
-                 steps=None, temperature=0.0, top_k=0, shift_logits=None, eos_token_id=None, generator=None):
+                 steps=None, temperature=0.0, shift_logits=None, **sampling):
         """(ids, nfe): each row's prompt as given, then its new tokens (a row that ended shows the pad
         token after them: pass left-padded prompts, as the tokenizer pads), and the batch's forward passes.
         attention_mask marks the pads: each row decodes to the tokens it gets alone. A dLM decodes blocks
@@ -128,21 +132,26 @@ class BlockDiffusionLM(PreTrainedModel):
         each forward committing every masked token at least `threshold` confident (1.0 or None: none by
         confidence, only the most confident); with `steps`, Efficient-DLM's count over the whole
         generation, a block takes at most steps * block_length / max_new_tokens forwards. An AR export
-        decodes a token a forward. temperature 0: greedy; `shift_logits`: None or the trained token shift."""
+        decodes a token a forward. temperature 0: greedy; `shift_logits`: None or the trained token shift.
+        `sampling`: top_k (0: off), eos_token_id (default: config.json's), generator (a torch.Generator)."""
+        unknown = sorted(set(sampling) - {"top_k", "eos_token_id", "generator"})
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
         input_ids = torch.as_tensor(input_ids)
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         rows = input_ids if attention_mask is None else [r[m.bool()] for r, m in zip(input_ids, attention_mask)]
         prompts, ctx = [r.tolist() for r in rows], self.model.config.context_len
-        ends = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        ends = sampling.get("eos_token_id", self.config.eos_token_id)
         ends = tuple([ends] if isinstance(ends, int) else ends or ())
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be a positive number of tokens, got {max_new_tokens!r}")
         if max(map(len, prompts)) > ctx:
             raise ValueError(f"a prompt of {max(map(len, prompts))} tokens: the model reads at most {ctx}; shorten it")
         try:
-            decoding = Decoding(threshold=1.0 if threshold is None else threshold, temperature=temperature, top_k=top_k,
-                                end_ids=ends, auto_bf16=self.auto_bf16)
-            out, stats = self.decode_prompts(prompts, max_new_tokens, decoding, generator, block_length, steps, shift_logits)
+            decoding = Decoding(threshold=1.0 if threshold is None else threshold, temperature=temperature,
+                                top_k=sampling.get("top_k", 0), end_ids=ends, auto_bf16=self.auto_bf16)
+            out, stats = self.decode_prompts(prompts, max_new_tokens, decoding, sampling.get("generator"), block_length,
+                                             steps, shift_logits)
         except ValueError as e:  # Decoding's messages name the scripts' flags: here the arguments are generate's
             raise ValueError(re.sub(r" \(--\w+\)$", "", str(e))) from None
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (ends or (0,))[0]
